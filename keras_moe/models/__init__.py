@@ -1,0 +1,3 @@
+"""Ready-made models built from keras_moe layers."""
+
+from keras_moe.models.multi_task import MultiTaskModel
