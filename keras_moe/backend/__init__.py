@@ -1,0 +1,9 @@
+"""The few backend-specific fast paths, each behind one function.
+
+Everything else in keras_moe is written with `keras.ops`. A function here
+returns `None` (or reports unavailable) where no fast path applies, and the
+caller uses its portable version instead; tests check that both agree.
+"""
+
+from keras_moe.backend.grouped_matmul import grouped_matmul
+from keras_moe.backend.grouped_matmul import has_grouped_matmul

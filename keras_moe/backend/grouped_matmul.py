@@ -1,0 +1,113 @@
+"""Grouped (ragged) matmul over rows sorted by expert.
+
+`grouped_matmul(x, kernels, group_sizes)` computes, for rows `x (N, d)`
+sorted so that the first `group_sizes[0]` rows belong to expert 0, the next
+`group_sizes[1]` to expert 1, and so on, `y[i] = x[i] @ kernels[e(i)]`. Rows
+after `sum(group_sizes)` are padding: their output is unspecified (finite),
+and callers discard it.
+
+Fast paths, chosen by `has_grouped_matmul()`:
+- JAX on GPU/TPU: `jax.lax.ragged_dot` (on CPU XLA lowers it to a dense
+  product over every group, E times the work, so it is not used there).
+- PyTorch: `torch._grouped_mm` (with an explicit backward: its autograd
+  formula rejects the expanded gradients Keras losses produce).
+Elsewhere (`has_grouped_matmul()` is False) the caller pads the rows into
+per-expert blocks instead (`keras_moe.dispatch.blocks`).
+"""
+
+import functools
+
+import keras
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_path_name():
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        if hasattr(jax.lax, "ragged_dot") and jax.default_backend() != "cpu":
+            return "jax_ragged_dot"
+    elif backend == "torch":
+        import torch
+
+        if hasattr(torch, "_grouped_mm"):
+            return "torch_grouped_mm"
+    return None
+
+
+def has_grouped_matmul():
+    """Whether this backend and device have a grouped-matmul fast path."""
+    return _fast_path_name() is not None
+
+
+def grouped_matmul(x, kernels, group_sizes):
+    """Grouped matmul of sorted rows, see the module docstring.
+
+    Args:
+        x: `(N, d)` rows sorted by group.
+        kernels: `(E, d, h)` one matrix per group.
+        group_sizes: `(E,)` int32 rows per group; may sum to less than `N`.
+
+    Returns:
+        `(N, h)` in the dtype of `x`.
+    """
+    name = _fast_path_name()
+    if name == "jax_ragged_dot":
+        import jax
+
+        return jax.lax.ragged_dot(x, kernels, group_sizes.astype("int32"))
+    if name == "torch_grouped_mm":
+        return _torch_grouped_mm(x, kernels, group_sizes)
+    raise NotImplementedError(
+        "No grouped-matmul fast path on this backend/device; check "
+        "has_grouped_matmul() and use keras_moe.dispatch.blocks instead."
+    )
+
+
+def _torch_grouped_mm(x, kernels, group_sizes):
+    import torch
+
+    n = x.shape[0]
+    offsets = torch.cumsum(group_sizes.to(torch.int64), 0).to(torch.int32)
+    # Padding rows join the last group: computed, then discarded by the caller.
+    offsets = torch.cat([offsets[:-1], torch.full_like(offsets[-1:], n)])
+    kernels = kernels.to(x.dtype)
+    return _TorchGroupedMM.apply(x, kernels, offsets)
+
+
+def _make_torch_function():
+    import torch
+
+    class TorchGroupedMM(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, kernels, offsets):
+            ctx.save_for_backward(x, kernels, offsets)
+            return torch._grouped_mm(x.contiguous(), kernels.contiguous(), offs=offsets)
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, kernels, offsets = ctx.saved_tensors
+            grad = grad.contiguous()
+            grad_x = grad_kernels = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch._grouped_mm(
+                    grad, kernels.transpose(-1, -2).contiguous(), offs=offsets
+                )
+            if ctx.needs_input_grad[1]:
+                grad_kernels = torch._grouped_mm(x.t().contiguous(), grad, offs=offsets)
+            return grad_x, grad_kernels, None
+
+    return TorchGroupedMM
+
+
+class _LazyTorchFunction:
+    _fn = None
+
+    def apply(self, *args):
+        if _LazyTorchFunction._fn is None:
+            _LazyTorchFunction._fn = _make_torch_function()
+        return _LazyTorchFunction._fn.apply(*args)
+
+
+_TorchGroupedMM = _LazyTorchFunction()

@@ -1,0 +1,15 @@
+"""Dispatchers move tokens to experts and back; they decide nothing.
+
+- `capacity`: per-group capacity buffers `(groups, E, C, hidden)`; first
+  choices are served before second choices, earlier tokens first.
+- `dropless`: every assignment computed; rows sorted by expert, then a
+  grouped matmul (fast path) or per-expert blocks (`blocks`, portable).
+"""
+
+from keras_moe.dispatch.blocks import from_blocks
+from keras_moe.dispatch.blocks import to_blocks
+from keras_moe.dispatch.capacity import capacity_slots
+from keras_moe.dispatch.capacity import compute_capacity
+from keras_moe.dispatch.capacity import dispatch_with_capacity
+from keras_moe.dispatch.dropless import dispatch_dropless
+from keras_moe.dispatch.dropless import sort_by_expert

@@ -1,0 +1,70 @@
+"""Dropless dispatch: every routed assignment is computed exactly once."""
+
+from keras import ops
+
+from keras_moe import backend as fast
+from keras_moe.dispatch import blocks
+
+
+def sort_by_expert(expert_indices, valid, num_experts):
+    """Orders the `N = tokens * k` assignments by expert, stably.
+
+    Args:
+        expert_indices: `(tokens, k)` int32.
+        valid: `(tokens, k)` bool; invalid assignments sort last.
+        num_experts: int `E`.
+
+    Returns:
+        `(order (N,), row_experts (N,), group_sizes (E,))`, all int32:
+        `order[i]` is the flat assignment index (`token * k + j`) of sorted
+        row `i`, `row_experts[i]` its expert (`E` for invalid ones).
+    """
+    experts = ops.where(valid, expert_indices, num_experts)
+    experts = ops.cast(ops.reshape(experts, (-1,)), "int32")
+    num = ops.shape(experts)[0]
+    # Unique keys make the sort stable on every backend (TF's argsort is not).
+    keys = experts * num + ops.arange(num, dtype="int32")
+    order = ops.cast(ops.argsort(keys), "int32")
+    row_experts = ops.take(experts, order)
+    group_sizes = ops.segment_sum(
+        ops.ones_like(experts), experts, num_segments=num_experts + 1, sorted=False
+    )[:num_experts]
+    return order, row_experts, ops.cast(group_sizes, "int32")
+
+
+def dispatch_dropless(x, expert_indices, expert_weights, valid, experts, training=None):
+    """Runs every valid assignment through its expert and combines.
+
+    Args:
+        x: `(tokens, hidden)`.
+        expert_indices: `(tokens, k)` int32.
+        expert_weights: `(tokens, k)` combine weights.
+        valid: `(tokens, k)` bool, False for masked tokens.
+        experts: a `StackedExperts`.
+
+    Returns:
+        `outputs (tokens, hidden)`.
+    """
+    tokens, hidden = ops.shape(x)
+    k = ops.shape(expert_indices)[1]
+    num_experts = experts.num_experts
+    order, row_experts, group_sizes = sort_by_expert(expert_indices, valid, num_experts)
+    x_sorted = ops.take(x, order // k, axis=0)  # (N, hidden)
+
+    if fast.has_grouped_matmul():
+        y_sorted = experts.call_grouped(x_sorted, row_experts, group_sizes, training=training)
+    else:
+        block_size = blocks.block_size_for(ops.shape(x_sorted)[0], num_experts)
+        x_blocks, block_experts, destinations = blocks.to_blocks(
+            x_sorted, row_experts, group_sizes, num_experts, block_size
+        )
+        y_blocks = experts.call_blocks(x_blocks, block_experts, training=training)
+        y_sorted = blocks.from_blocks(y_blocks, destinations)
+
+    # Undo the sort: inverse permutation by scattering positions.
+    num = ops.shape(order)[0]
+    inverse = ops.scatter(ops.expand_dims(order, -1), ops.arange(num, dtype="int32"), (num,))
+    y = ops.reshape(ops.take(y_sorted, inverse, axis=0), (tokens, k, hidden))
+    # where, not a product: rows of invalid assignments are never trusted.
+    y = ops.where(ops.expand_dims(valid, -1), y, ops.zeros((), y.dtype))
+    return ops.einsum("tkd,tk->td", y, ops.cast(expert_weights, y.dtype))

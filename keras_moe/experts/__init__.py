@@ -1,0 +1,5 @@
+"""Experts: feed-forward networks that know nothing of routing."""
+
+from keras_moe.experts.feed_forward import FeedForward
+from keras_moe.experts.initializers import StackedInitializer
+from keras_moe.experts.stacked_experts import StackedExperts

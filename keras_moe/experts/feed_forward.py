@@ -1,0 +1,105 @@
+"""A plain or gated (GLU) feed-forward network, and the dense FFN layer."""
+
+import keras
+from keras import ops
+
+
+def feed_forward(x, project, activation, gated):
+    """`down(act(up(x)))`, or `down(act(gate(x)) * up(x))` when `gated`.
+
+    `project(tensor, name)` applies the projection `name` in
+    `{"up", "gate", "down"}` (kernel and bias) in whatever layout the caller
+    holds its tokens; this is the one place the FFN formula is written.
+    """
+    hidden = project(x, "up")
+    if gated:
+        hidden = activation(project(x, "gate")) * hidden
+    else:
+        hidden = activation(hidden)
+    return project(hidden, "down")
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class FeedForward(keras.layers.Layer):
+    """A dense feed-forward network, used as the always-on shared expert.
+
+    `gated=False`: `down(act(x @ up_kernel))`;
+    `gated=True`: `down(act(x @ gate_kernel) * (x @ up_kernel))` (SwiGLU with
+    `activation="silu"`).
+
+    Args:
+        intermediate_dim: int >= 1, the hidden width.
+        activation: activation name or callable. Defaults to `"gelu"`.
+        gated: bool, use a gated linear unit. Defaults to `False`.
+        kernel_initializer: initializer of the kernels.
+
+    Example:
+
+    >>> import numpy as np
+    >>> ffn = FeedForward(intermediate_dim=32, gated=True, activation="silu")
+    >>> tuple(ffn(np.zeros((2, 5, 16), "float32")).shape)
+    (2, 5, 16)
+
+    References:
+        - [Shazeer, 2020](https://arxiv.org/abs/2002.05202) (GLU variants)
+    """
+
+    def __init__(
+        self,
+        intermediate_dim,
+        activation="gelu",
+        gated=False,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(intermediate_dim, int) or intermediate_dim < 1:
+            raise ValueError(
+                "`intermediate_dim` must be an integer >= 1. "
+                f"Received: intermediate_dim={intermediate_dim!r}"
+            )
+        self.intermediate_dim = intermediate_dim
+        self.activation = keras.activations.get(activation)
+        self.gated = gated
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        hidden = input_shape[-1]
+        width = self.intermediate_dim
+        self.up_kernel = self.add_weight(
+            name="up_kernel", shape=(hidden, width), initializer=self.kernel_initializer
+        )
+        self.gate_kernel = None
+        if self.gated:
+            self.gate_kernel = self.add_weight(
+                name="gate_kernel",
+                shape=(hidden, width),
+                initializer=self.kernel_initializer,
+            )
+        self.down_kernel = self.add_weight(
+            name="down_kernel", shape=(width, hidden), initializer=self.kernel_initializer
+        )
+
+    def call(self, inputs):
+        kernels = {"up": self.up_kernel, "gate": self.gate_kernel, "down": self.down_kernel}
+        return feed_forward(
+            inputs,
+            lambda t, name: ops.matmul(t, kernels[name]),
+            self.activation,
+            self.gated,
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "intermediate_dim": self.intermediate_dim,
+                "activation": keras.activations.serialize(self.activation),
+                "gated": self.gated,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            }
+        )
+        return config
