@@ -1,0 +1,301 @@
+"""Building blocks shared by the multi-task mixtures (MMoE, CGC, PLE).
+
+The multi-task layers run many small MLPs side by side: the experts, and one
+gate per task. `StackedMLP` evaluates all of them as one batched contraction
+per depth, with kernels stacked on a leading axis, instead of a Python loop
+over `Dense` layers.
+"""
+
+import zlib
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def validate_int(name, value, minimum):
+    """Returns `value` as an int, or raises if it is not an int >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value!r}"
+        )
+    if value < minimum:
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value}"
+        )
+    return int(value)
+
+
+def normalize_units(name, value, allow_empty=False):
+    """Returns layer widths as a tuple of positive ints.
+
+    Accepts an int (one layer) or a list/tuple of ints (one entry per layer).
+    """
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"`{name}` must be a positive integer or a list of positive "
+            f"integers. Received: {name}={value!r}"
+        )
+    if not value and not allow_empty:
+        raise ValueError(
+            f"`{name}` must be a positive integer or a non-empty list of "
+            f"positive integers. Received: {name}={value!r}"
+        )
+    for units in value:
+        if (
+            isinstance(units, bool)
+            or not isinstance(units, (int, np.integer))
+            or units < 1
+        ):
+            raise ValueError(
+                f"Every entry of `{name}` must be an integer >= 1. "
+                f"Received: {name}={value!r}"
+            )
+    return tuple(int(units) for units in value)
+
+
+def validate_rate(name, value):
+    """Returns a dropout rate in [0, 1) as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"`{name}` must be a float in [0, 1). Received: {name}={value!r}"
+        )
+    if not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"`{name}` must be a float in [0, 1). Received: {name}={value}"
+        )
+    return float(value)
+
+
+def weights_config(layer):
+    """Config entries shared by the multi-task layers: bias, dropout,
+    initializers and regularizers, serialized from the layer's attributes."""
+    return {
+        "use_bias": layer.use_bias,
+        "dropout": layer.dropout,
+        "kernel_initializer": keras.initializers.serialize(
+            layer.kernel_initializer
+        ),
+        "bias_initializer": keras.initializers.serialize(
+            layer.bias_initializer
+        ),
+        "kernel_regularizer": keras.regularizers.serialize(
+            layer.kernel_regularizer
+        ),
+        "bias_regularizer": keras.regularizers.serialize(
+            layer.bias_regularizer
+        ),
+    }
+
+
+def softmax_gates(logits):
+    """Softmax over the last axis, computed in float32 for stability."""
+    return ops.softmax(ops.cast(logits, "float32"), axis=-1)
+
+
+def reseeded(initializer, *salt):
+    """Returns a copy of `initializer` with a seed derived from its own and `salt`.
+
+    Keras initializers seeded with an integer (or unseeded, which draws an
+    integer seed once at construction) return the same values on every
+    call. Sub-layers that share one initializer instance use this to draw
+    different values, reproducibly. Initializers without an integer seed
+    (zeros, constant, identity, or seeded by a `keras.random.SeedGenerator`,
+    which advances by itself) are returned unchanged.
+    """
+    seed = getattr(initializer, "seed", None)
+    if (
+        not isinstance(initializer, keras.initializers.Initializer)
+        or isinstance(seed, bool)
+        or not isinstance(seed, (int, np.integer))
+    ):
+        return initializer
+    config = initializer.get_config()
+    if "seed" not in config:
+        return initializer
+    entropy = [int(seed)] + [zlib.crc32(str(s).encode("utf-8")) for s in salt]
+    new_seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    return initializer.__class__.from_config(
+        {**config, "seed": new_seed % (2**31 - 1)}
+    )
+
+
+class _PerStackInitializer(keras.initializers.Initializer):
+    """Initializes each slice `[s]` of a stacked variable on its own.
+
+    A stacked kernel of shape `(num_stacks, in, out)` must start as
+    `num_stacks` independent `(in, out)` kernels. Calling the base initializer
+    on the full shape is wrong twice over: variance-scaling initializers
+    (glorot, he, lecun) treat the leading axis as a receptive field and
+    scale by the wrong fans, and a seeded Keras initializer returns the same
+    values on every call, so plain slice-by-slice calls would make all
+    experts identical. Here every slice is drawn with the slice shape
+    (correct fans) from its own seed, derived from the base initializer's
+    seed, a per-variable `salt` and the slice index.
+    """
+
+    def __init__(self, base, salt):
+        self.base = base
+        self.salt = salt
+
+    def __call__(self, shape, dtype=None):
+        slice_shape = tuple(shape[1:])
+        return ops.stack(
+            [
+                reseeded(self.base, self.salt, s)(slice_shape, dtype=dtype)
+                for s in range(shape[0])
+            ],
+            axis=0,
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class StackedMLP(keras.layers.Layer):
+    """`num_stacks` independent MLPs of equal widths, run as batched einsums.
+
+    Each depth `i` holds one kernel of shape `(num_stacks, in_i, units[i])`
+    (and a bias `(num_stacks, units[i])`), so all MLPs advance together in a
+    single contraction. Used for the experts of MMoE/CGC/PLE (one stack per
+    expert) and for their gates (one stack per task, no output activation,
+    so the last layer gives logits).
+
+    Every stack is initialized independently with the fans of its own
+    `(in, out)` slice.
+
+    Args:
+        num_stacks: int. Number of independent MLPs.
+        units: int or list of ints. Widths of the layers of every MLP.
+        activation: activation after each layer. Defaults to `"relu"`.
+        activate_output: bool. Whether `activation` (and dropout) also
+            follow the last layer. Defaults to `True`.
+        stacked_inputs: bool. If `False`, inputs `(..., in)` go to every
+            MLP. If `True`, inputs are `(..., num_stacks, in)`, one slice per
+            MLP. Defaults to `False`.
+        use_bias: bool. Whether the layers add a bias. Defaults to `True`.
+        dropout: float in [0, 1). Dropout after each activated layer, in
+            training only. Defaults to `0.0`.
+        kernel_initializer: initializer of each `(in, out)` kernel slice.
+            Defaults to `"glorot_uniform"`.
+        bias_initializer: initializer of each bias slice. Defaults to
+            `"zeros"`.
+        kernel_regularizer: optional regularizer on the stacked kernels.
+        bias_regularizer: optional regularizer on the stacked biases.
+        **kwargs: other keyword arguments of `keras.layers.Layer`.
+
+    Output shape: `(..., num_stacks, units[-1])`.
+    """
+
+    def __init__(
+        self,
+        num_stacks,
+        units,
+        activation="relu",
+        activate_output=True,
+        stacked_inputs=False,
+        use_bias=True,
+        dropout=0.0,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_stacks = validate_int("num_stacks", num_stacks, 1)
+        self.units = normalize_units("units", units)
+        self.activation = keras.activations.get(activation)
+        self.activate_output = bool(activate_output)
+        self.stacked_inputs = bool(stacked_inputs)
+        self.use_bias = bool(use_bias)
+        self.dropout = validate_rate("dropout", dropout)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self._dropout_layer = (
+            keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+            if self.dropout > 0
+            else None
+        )
+
+    def _initializer(self, base, variable_name):
+        return _PerStackInitializer(base, f"{self.name}/{variable_name}")
+
+    def build(self, input_shape):
+        in_dim = input_shape[-1]
+        if in_dim is None:
+            raise ValueError(
+                "The last dimension of the inputs must be defined. "
+                f"Received: input_shape={input_shape}"
+            )
+        if self.stacked_inputs and input_shape[-2] not in (None, self.num_stacks):
+            raise ValueError(
+                f"Stacked inputs must have {self.num_stacks} slices on axis "
+                f"-2. Received: input_shape={input_shape}"
+            )
+        self.kernels = []
+        self.biases = []
+        for i, units in enumerate(self.units):
+            self.kernels.append(
+                self.add_weight(
+                    name=f"kernel_{i}",
+                    shape=(self.num_stacks, in_dim, units),
+                    initializer=self._initializer(
+                        self.kernel_initializer, f"kernel_{i}"
+                    ),
+                    regularizer=self.kernel_regularizer,
+                )
+            )
+            if self.use_bias:
+                self.biases.append(
+                    self.add_weight(
+                        name=f"bias_{i}",
+                        shape=(self.num_stacks, units),
+                        initializer=self._initializer(
+                            self.bias_initializer, f"bias_{i}"
+                        ),
+                        regularizer=self.bias_regularizer,
+                    )
+                )
+            in_dim = units
+        if self._dropout_layer is not None:
+            self._dropout_layer.build(None)
+
+    def call(self, inputs, training=None):
+        hidden = inputs
+        last = len(self.units) - 1
+        for i, kernel in enumerate(self.kernels):
+            if i == 0 and not self.stacked_inputs:
+                hidden = ops.einsum("...i,sio->...so", hidden, kernel)
+            else:
+                hidden = ops.einsum("...si,sio->...so", hidden, kernel)
+            # hidden: (..., num_stacks, units[i])
+            if self.use_bias:
+                hidden = hidden + self.biases[i]
+            if i < last or self.activate_output:
+                hidden = self.activation(hidden)
+                if self._dropout_layer is not None:
+                    hidden = self._dropout_layer(hidden, training=training)
+        return hidden
+
+    def compute_output_shape(self, input_shape):
+        batch_shape = input_shape[:-2] if self.stacked_inputs else input_shape[:-1]
+        return tuple(batch_shape) + (self.num_stacks, self.units[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_stacks": self.num_stacks,
+                "units": list(self.units),
+                "activation": keras.activations.serialize(self.activation),
+                "activate_output": self.activate_output,
+                "stacked_inputs": self.stacked_inputs,
+                **weights_config(self),
+            }
+        )
+        return config

@@ -1,0 +1,211 @@
+"""Multi-gate Mixture-of-Experts (MMoE) layer."""
+
+import keras
+from keras import ops
+
+from keras_moe.layers._multitask_experts import StackedMLP
+from keras_moe.layers._multitask_experts import normalize_units
+from keras_moe.layers._multitask_experts import softmax_gates
+from keras_moe.layers._multitask_experts import validate_int
+from keras_moe.layers._multitask_experts import validate_rate
+from keras_moe.layers._multitask_experts import weights_config
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class MMoE(keras.layers.Layer):
+    """Multi-gate Mixture-of-Experts layer for multi-task learning.
+
+    `num_experts` expert MLPs all read the layer input. Each of the
+    `num_tasks` tasks has its own softmax gate, also on the layer input,
+    which mixes the expert outputs into that task's representation:
+    `output_t = sum_e softmax(gate_t(x))_e * expert_e(x)`. Tasks that are
+    weakly related can thus draw on different experts, while related tasks
+    share them. The outputs typically feed one tower MLP per task (see
+    `keras_moe.models.MultiTaskModel`). With `num_tasks=1` the layer is the
+    one-gate mixture (OMoE) baseline of the paper.
+
+    All experts are computed together as one batched contraction per layer
+    depth, with kernels stacked along a leading expert axis; the gates are
+    batched the same way along a task axis. Every expert (and gate) is
+    initialized independently from the others.
+
+    Variables: `experts.kernel_{i}` of shape
+    `(num_experts, in_i, expert_units[i])` and `experts.bias_{i}` of shape
+    `(num_experts, expert_units[i])`; `gates.kernel_{i}` of shape
+    `(num_tasks, in_i, width_i)` and `gates.bias_{i}`, with widths
+    `gate_units + [num_experts]`.
+
+    Args:
+        num_tasks: int >= 1. Number of tasks, i.e. gates and outputs.
+        num_experts: int >= 1. Number of experts shared by all tasks.
+        expert_units: int or list of ints, each >= 1. Widths of the layers
+            of every expert MLP; the outputs have width `expert_units[-1]`.
+        gate_units: list of ints, each >= 1. Widths of the hidden layers of
+            every gate MLP before its final `num_experts`-wide projection.
+            Defaults to `()`, a linear gate as in the paper.
+        expert_activation: activation after each expert layer, the last one
+            included. Defaults to `"relu"`.
+        gate_activation: activation after each hidden gate layer. Defaults to
+            `"relu"`.
+        use_bias: bool. Whether expert and gate layers add a bias. Defaults
+            to `True`.
+        dropout: float in [0, 1). Dropout rate after each expert layer, in
+            training only. Defaults to `0.0`.
+        kernel_initializer: initializer of each expert's and gate's kernels.
+            Defaults to `"glorot_uniform"`.
+        bias_initializer: initializer of the biases. Defaults to `"zeros"`.
+        kernel_regularizer: optional regularizer on all kernels.
+        bias_regularizer: optional regularizer on all biases.
+        **kwargs: other keyword arguments of `keras.layers.Layer`, e.g.
+            `name` and `dtype`.
+
+    Call arguments:
+        inputs: tensor of shape `(batch, ..., features)`.
+        training: bool. Whether dropout is active.
+        return_gates: bool. If `True`, also return the gate weights.
+
+    Returns:
+        A list of `num_tasks` tensors of shape `(batch, ..., expert_units[-1])`.
+        With `return_gates=True`, a tuple `(outputs, gates)` where `gates` is
+        a list of `num_tasks` float32 tensors `(batch, ..., num_experts)`
+        whose rows sum to 1.
+
+    Example:
+
+    ```python
+    import numpy as np
+    import keras
+    import keras_moe
+
+    x = np.random.normal(size=(32, 100)).astype("float32")
+    mmoe = keras_moe.layers.MMoE(num_tasks=2, num_experts=8, expert_units=16)
+    task_a, task_b = mmoe(x)  # two (32, 16) tensors
+    outputs, gates = mmoe(x, return_gates=True)  # gates: two (32, 8)
+
+    # In a functional model, with one tower per task.
+    inputs = keras.Input(shape=(100,))
+    towers = keras_moe.layers.MMoE(2, 8, [32, 16])(inputs)
+    outputs = [keras.layers.Dense(1)(t) for t in towers]
+    model = keras.Model(inputs, outputs)
+    ```
+
+    References:
+        - [Ma et al., 2018. Modeling Task Relationships in Multi-task
+          Learning with Multi-gate Mixture-of-Experts](https://dl.acm.org/doi/10.1145/3219819.3220007)
+    """
+
+    def __init__(
+        self,
+        num_tasks,
+        num_experts,
+        expert_units,
+        gate_units=(),
+        expert_activation="relu",
+        gate_activation="relu",
+        use_bias=True,
+        dropout=0.0,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        **kwargs,
+    ):
+        if kwargs.get("name") is None:
+            # Keras would derive "m_mo_e" from the class name.
+            uid = keras.backend.get_uid("mmoe")
+            kwargs["name"] = "mmoe" if uid == 1 else f"mmoe_{uid - 1}"
+        super().__init__(**kwargs)
+        self.num_tasks = validate_int("num_tasks", num_tasks, 1)
+        self.num_experts = validate_int("num_experts", num_experts, 1)
+        self.expert_units = normalize_units("expert_units", expert_units)
+        self.gate_units = normalize_units(
+            "gate_units", gate_units, allow_empty=True
+        )
+        self.expert_activation = keras.activations.get(expert_activation)
+        self.gate_activation = keras.activations.get(gate_activation)
+        self.use_bias = bool(use_bias)
+        self.dropout = validate_rate("dropout", dropout)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+
+        common = dict(
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            kernel_regularizer=self.kernel_regularizer,
+            bias_regularizer=self.bias_regularizer,
+            dtype=self.dtype_policy,
+        )
+        self.experts = StackedMLP(
+            self.num_experts,
+            self.expert_units,
+            activation=self.expert_activation,
+            dropout=self.dropout,
+            name="experts",
+            **common,
+        )
+        self.gates = StackedMLP(
+            self.num_tasks,
+            self.gate_units + (self.num_experts,),
+            activation=self.gate_activation,
+            activate_output=False,
+            name="gates",
+            **common,
+        )
+
+    def build(self, input_shape):
+        self.experts.build(input_shape)
+        self.gates.build(input_shape)
+
+    def call(self, inputs, training=None, return_gates=False):
+        expert_outputs = self.experts(inputs, training=training)
+        # expert_outputs: (..., num_experts, units)
+        gates = softmax_gates(self.gates(inputs))  # (..., num_tasks, experts)
+        mixed = ops.einsum(
+            "...te,...eu->...tu",
+            ops.cast(gates, expert_outputs.dtype),
+            expert_outputs,
+        )  # (..., num_tasks, units)
+        outputs = list(ops.unstack(mixed, num=self.num_tasks, axis=-2))
+        if return_gates:
+            return outputs, list(ops.unstack(gates, num=self.num_tasks, axis=-2))
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        output_shape = tuple(input_shape[:-1]) + (self.expert_units[-1],)
+        return [output_shape] * self.num_tasks
+
+    def compute_output_spec(self, inputs, training=None, return_gates=False):
+        outputs = [
+            keras.KerasTensor(shape, dtype=self.compute_dtype)
+            for shape in self.compute_output_shape(inputs.shape)
+        ]
+        if not return_gates:
+            return outputs
+        gate_shape = tuple(inputs.shape[:-1]) + (self.num_experts,)
+        gates = [
+            keras.KerasTensor(gate_shape, dtype="float32")
+            for _ in range(self.num_tasks)
+        ]
+        return outputs, gates
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_tasks": self.num_tasks,
+                "num_experts": self.num_experts,
+                "expert_units": list(self.expert_units),
+                "gate_units": list(self.gate_units),
+                "expert_activation": keras.activations.serialize(
+                    self.expert_activation
+                ),
+                "gate_activation": keras.activations.serialize(
+                    self.gate_activation
+                ),
+                **weights_config(self),
+            }
+        )
+        return config

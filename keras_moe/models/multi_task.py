@@ -1,0 +1,221 @@
+"""A multi-task model: shared mixture, one tower and one head per task."""
+
+import keras
+
+from keras_moe.layers._multitask_experts import normalize_units
+from keras_moe.layers._multitask_experts import validate_int
+
+_HEAD_TYPES = ("binary", "regression")
+
+
+def _validate_tasks(tasks):
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError(
+            "`tasks` must be a non-empty dict mapping task names to "
+            '"binary", "regression" or a number of classes >= 2. '
+            f"Received: tasks={tasks!r}"
+        )
+    for name, head in tasks.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(
+                "Every key of `tasks` must be a non-empty string without "
+                f"'/'. Received: tasks={tasks!r}"
+            )
+        is_classes = isinstance(head, int) and not isinstance(head, bool)
+        if not (head in _HEAD_TYPES if isinstance(head, str) else is_classes):
+            raise ValueError(
+                f'Every value of `tasks` must be "binary", "regression" or '
+                f"an integer number of classes >= 2. Received: "
+                f"tasks[{name!r}]={head!r}"
+            )
+        if is_classes and head < 2:
+            raise ValueError(
+                "A multi-class task in `tasks` needs a number of classes "
+                f">= 2. Received: tasks[{name!r}]={head}"
+            )
+    return dict(tasks)
+
+
+def _validate_tower_units(tower_units, task_names):
+    if isinstance(tower_units, dict):
+        if set(tower_units) != set(task_names):
+            raise ValueError(
+                "When `tower_units` is a dict, its keys must be the task "
+                f"names {list(task_names)}. Received keys: "
+                f"{list(tower_units)}"
+            )
+        return {
+            name: normalize_units(
+                f"tower_units[{name!r}]", tower_units[name], allow_empty=True
+            )
+            for name in task_names
+        }
+    units = normalize_units("tower_units", tower_units, allow_empty=True)
+    return {name: units for name in task_names}
+
+
+def _head(name, head, dtype):
+    if head == "binary":
+        return keras.layers.Dense(
+            1, activation="sigmoid", name=f"{name}_head", dtype=dtype
+        )
+    if head == "regression":
+        return keras.layers.Dense(1, name=f"{name}_head", dtype=dtype)
+    return keras.layers.Dense(
+        head, activation="softmax", name=f"{name}_head", dtype=dtype
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class MultiTaskModel(keras.Model):
+    """Multi-task model: a shared mixture, then one tower and head per task.
+
+    The model is `input -> mixture -> tower_t -> head_t` for every task `t`.
+    The `mixture` is any Keras layer that maps the input
+    `(batch, input_dim)` either to a list of one tensor per task
+    (`keras_moe.layers.MMoE`, `CGC`, `PLE`) or to one tensor shared by all
+    towers: a shared-bottom MLP (e.g. a `keras.layers.Dense`) or the
+    one-gate mixture OMoE, `MMoE(num_tasks=1, ...)`. Each task then has its
+    own tower MLP (`tower_units`, may be empty) and a head chosen by its
+    type: `"binary"` gives a sigmoid probability `(batch, 1)`,
+    `"regression"` a linear `(batch, 1)`, and an integer `n` a softmax over
+    `n` classes `(batch, n)`.
+
+    The model's outputs are a dict keyed by task name, so it trains the
+    usual Keras way with per-task losses, loss weights and metrics given as
+    dicts to `compile()` and labels given as a dict to `fit()`.
+
+    Args:
+        input_dim: int >= 1. Number of input features.
+        tasks: dict. Maps each task name (a string without `/`) to its head:
+            `"binary"`, `"regression"` or a number of classes >= 2. Its order
+            is the order of the mixture's per-task outputs.
+        mixture: `keras.layers.Layer`. The shared part. It must return one
+            tensor, a list of one tensor (both shared by all towers), or a
+            list of `len(tasks)` tensors, one per task.
+        tower_units: int, list of ints, or dict. Widths of every task's tower
+            MLP (each >= 1), or a dict from every task name to its own
+            widths. Defaults to `()`: heads sit directly on the mixture.
+        tower_activation: activation of the tower layers. Defaults to
+            `"relu"`.
+        **kwargs: other keyword arguments of `keras.Model`, e.g. `name` and
+            `dtype`.
+
+    Example:
+
+    ```python
+    import numpy as np
+    import keras
+    import keras_moe
+
+    x = np.random.normal(size=(256, 20)).astype("float32")
+    labels = {
+        "click": np.random.randint(0, 2, size=(256, 1)),
+        "watch_time": np.random.normal(size=(256, 1)),
+    }
+    model = keras_moe.models.MultiTaskModel(
+        input_dim=20,
+        tasks={"click": "binary", "watch_time": "regression"},
+        mixture=keras_moe.layers.MMoE(
+            num_tasks=2, num_experts=4, expert_units=16
+        ),
+        tower_units=[8],
+    )
+    model.compile(
+        optimizer="adam",
+        loss={"click": "binary_crossentropy", "watch_time": "mse"},
+        loss_weights={"click": 1.0, "watch_time": 0.5},
+    )
+    model.fit(x, labels, epochs=2, batch_size=32, verbose=0)
+    predictions = model.predict(x, verbose=0)  # dict keyed by task name
+    ```
+
+    References:
+        - [Ma et al., 2018. Modeling Task Relationships in Multi-task
+          Learning with Multi-gate Mixture-of-Experts](https://dl.acm.org/doi/10.1145/3219819.3220007)
+        - [Tang et al., 2020. Progressive Layered Extraction (PLE): A Novel
+          Multi-Task Learning (MTL) Model for Personalized
+          Recommendations](https://dl.acm.org/doi/10.1145/3383313.3412236)
+    """
+
+    def __init__(
+        self,
+        input_dim,
+        tasks,
+        mixture,
+        tower_units=(),
+        tower_activation="relu",
+        **kwargs,
+    ):
+        input_dim = validate_int("input_dim", input_dim, 1)
+        tasks = _validate_tasks(tasks)
+        if not isinstance(mixture, keras.layers.Layer):
+            raise ValueError(
+                "`mixture` must be a `keras.layers.Layer`. "
+                f"Received: mixture={mixture!r}"
+            )
+        towers = _validate_tower_units(tower_units, list(tasks))
+        dtype = kwargs.get("dtype")
+
+        # === Functional model ===
+        inputs = keras.Input(shape=(input_dim,), name="features")
+        mixed = mixture(inputs)
+        if not isinstance(mixed, (list, tuple)):
+            mixed = [mixed]
+        if len(mixed) == 1:
+            mixed = list(mixed) * len(tasks)
+        if len(mixed) != len(tasks):
+            raise ValueError(
+                "`mixture` must return one tensor (shared by all towers) or "
+                f"a list of len(tasks) = {len(tasks)} tensors, one per task. "
+                f"It returned {len(mixed)} tensors for tasks {list(tasks)}."
+            )
+        outputs = {}
+        for (name, head), hidden in zip(tasks.items(), mixed):
+            for i, units in enumerate(towers[name]):
+                hidden = keras.layers.Dense(
+                    units,
+                    activation=tower_activation,
+                    name=f"{name}_tower_{i}",
+                    dtype=dtype,
+                )(hidden)
+            outputs[name] = _head(name, head, dtype)(hidden)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+        # === Config ===
+        self.input_dim = input_dim
+        self.tasks = tasks
+        self.mixture = mixture
+        self.tower_units = (
+            {name: list(units) for name, units in towers.items()}
+            if isinstance(tower_units, dict)
+            else list(towers[next(iter(tasks))])
+        )
+        self.tower_activation = tower_activation
+
+    @property
+    def task_names(self):
+        """The task names, in the order of the mixture's outputs."""
+        return list(self.tasks)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            "input_dim": self.input_dim,
+            "tasks": dict(self.tasks),
+            "mixture": keras.saving.serialize_keras_object(self.mixture),
+            "tower_units": self.tower_units,
+            "tower_activation": keras.activations.serialize(
+                keras.activations.get(self.tower_activation)
+            ),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["mixture"] = keras.saving.deserialize_keras_object(
+            config["mixture"]
+        )
+        return cls(**config)
