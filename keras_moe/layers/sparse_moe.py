@@ -408,6 +408,18 @@ class SparseMoE(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
+    def compute_output_spec(self, inputs, training=None, mask=None, return_routing=False):
+        outputs = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+        if not return_routing:
+            return outputs
+        lead = tuple(inputs.shape[:-1])
+        return outputs, {
+            "router_logits": keras.KerasTensor(lead + (self.num_experts,), dtype="float32"),
+            "expert_indices": keras.KerasTensor(lead + (self.top_k,), dtype="int32"),
+            "expert_weights": keras.KerasTensor(lead + (self.top_k,), dtype="float32"),
+            "dispatched": keras.KerasTensor(lead + (self.top_k,), dtype="bool"),
+        }
+
     def get_config(self):
         config = super().get_config()
         config.update(
