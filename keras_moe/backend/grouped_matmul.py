@@ -53,6 +53,7 @@ def grouped_matmul(x, kernels, group_sizes):
         `(N, h)` in the dtype of `x`.
     """
     name = _fast_path_name()
+    x, kernels, group_sizes = (keras.ops.convert_to_tensor(t) for t in (x, kernels, group_sizes))
     if name == "jax_ragged_dot":
         import jax
 
@@ -73,7 +74,14 @@ def _torch_grouped_mm(x, kernels, group_sizes):
     # Padding rows join the last group: computed, then discarded by the caller.
     offsets = torch.cat([offsets[:-1], torch.full_like(offsets[-1:], n)])
     kernels = kernels.to(x.dtype)
-    return _TorchGroupedMM.apply(x, kernels, offsets)
+    # torch._grouped_mm wants 16-byte aligned rows: pad both feature sizes to
+    # a multiple of 8 with zeros (free for the usual power-of-two widths).
+    d, h = x.shape[1], kernels.shape[2]
+    pad_d, pad_h = -d % 8, -h % 8
+    if pad_d or pad_h:
+        x = torch.nn.functional.pad(x, (0, pad_d))
+        kernels = torch.nn.functional.pad(kernels, (0, pad_h, 0, pad_d))
+    return _TorchGroupedMM.apply(x, kernels, offsets)[:, :h]
 
 
 def _make_torch_function():

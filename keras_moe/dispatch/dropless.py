@@ -45,6 +45,7 @@ def dispatch_dropless(x, expert_indices, expert_weights, valid, experts, trainin
     Returns:
         `outputs (tokens, hidden)`.
     """
+    x = ops.convert_to_tensor(x)
     tokens, hidden = ops.shape(x)
     k = ops.shape(expert_indices)[1]
     num_experts = experts.num_experts
