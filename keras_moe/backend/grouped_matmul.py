@@ -11,6 +11,8 @@ Fast paths, chosen by `has_grouped_matmul()`:
   product over every group, E times the work, so it is not used there).
 - PyTorch: `torch._grouped_mm` (with an explicit backward: its autograd
   formula rejects the expanded gradients Keras losses produce).
+- TensorFlow outside XLA: a split into per-expert row ranges (dynamic sizes)
+  and one matmul per expert; exact work, no padding.
 Elsewhere (`has_grouped_matmul()` is False) the caller pads the rows into
 per-expert blocks instead (`keras_moe.dispatch.blocks`).
 """
@@ -20,9 +22,26 @@ import functools
 import keras
 
 
-@functools.lru_cache(maxsize=None)
 def _fast_path_name():
     backend = keras.backend.backend()
+    if backend == "tensorflow":
+        # Dynamic-size splits are fine in TF graphs and eagerly, not under XLA.
+        return None if _in_tf_xla_context() else "tf_split_matmul"
+    return _static_fast_path_name(backend)
+
+
+def _in_tf_xla_context():
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util
+
+    if tf.executing_eagerly():
+        return False
+    graph = tf.compat.v1.get_default_graph()
+    return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+@functools.lru_cache(maxsize=None)
+def _static_fast_path_name(backend):
     if backend == "jax":
         import jax
 
@@ -60,6 +79,8 @@ def grouped_matmul(x, kernels, group_sizes):
         return jax.lax.ragged_dot(x, kernels, group_sizes.astype("int32"))
     if name == "torch_grouped_mm":
         return _torch_grouped_mm(x, kernels, group_sizes)
+    if name == "tf_split_matmul":
+        return _tf_split_matmul(x, kernels, group_sizes)
     raise NotImplementedError(
         "No grouped-matmul fast path on this backend/device; check "
         "has_grouped_matmul() and use keras_moe.dispatch.blocks instead."
@@ -69,19 +90,33 @@ def grouped_matmul(x, kernels, group_sizes):
 def _torch_grouped_mm(x, kernels, group_sizes):
     import torch
 
-    n = x.shape[0]
+    n, d = x.shape
+    h = kernels.shape[2]
+    kernels = kernels.to(x.dtype)
+    # torch._grouped_mm wants 16-byte aligned rows in the forward and in the
+    # backward (where the row count is the inner dimension): pad rows and
+    # both feature sizes to multiples of 8 with zeros.
+    pad_n, pad_d, pad_h = -n % 8, -d % 8, -h % 8
+    if pad_n or pad_d:
+        x = torch.nn.functional.pad(x, (0, pad_d, 0, pad_n))
+    if pad_d or pad_h:
+        kernels = torch.nn.functional.pad(kernels, (0, pad_h, 0, pad_d))
     offsets = torch.cumsum(group_sizes.to(torch.int64), 0).to(torch.int32)
     # Padding rows join the last group: computed, then discarded by the caller.
-    offsets = torch.cat([offsets[:-1], torch.full_like(offsets[-1:], n)])
-    kernels = kernels.to(x.dtype)
-    # torch._grouped_mm wants 16-byte aligned rows: pad both feature sizes to
-    # a multiple of 8 with zeros (free for the usual power-of-two widths).
-    d, h = x.shape[1], kernels.shape[2]
-    pad_d, pad_h = -d % 8, -h % 8
-    if pad_d or pad_h:
-        x = torch.nn.functional.pad(x, (0, pad_d))
-        kernels = torch.nn.functional.pad(kernels, (0, pad_h, 0, pad_d))
-    return _TorchGroupedMM.apply(x, kernels, offsets)[:, :h]
+    offsets = torch.cat([offsets[:-1], torch.full_like(offsets[-1:], n + pad_n)])
+    return _TorchGroupedMM.apply(x, kernels, offsets)[:n, :h]
+
+
+def _tf_split_matmul(x, kernels, group_sizes):
+    import tensorflow as tf
+
+    num_groups = kernels.shape[0]
+    rest = tf.shape(x)[0] - tf.reduce_sum(group_sizes)
+    pieces = tf.split(x, tf.concat([group_sizes, [rest]], axis=0), num=num_groups + 1)
+    outputs = [tf.matmul(pieces[e], kernels[e]) for e in range(num_groups)]
+    # Padding rows after the last group: zeros of the output width.
+    outputs.append(tf.zeros((rest, kernels.shape[2]), x.dtype))
+    return tf.concat(outputs, axis=0)
 
 
 def _make_torch_function():

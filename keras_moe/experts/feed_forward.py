@@ -33,12 +33,11 @@ class FeedForward(keras.layers.Layer):
         gated: bool, use a gated linear unit. Defaults to `False`.
         kernel_initializer: initializer of the kernels.
 
-    Example:
-
-    >>> import numpy as np
-    >>> ffn = FeedForward(intermediate_dim=32, gated=True, activation="silu")
-    >>> tuple(ffn(np.zeros((2, 5, 16), "float32")).shape)
-    (2, 5, 16)
+    Examples:
+        >>> import numpy as np
+        >>> ffn = FeedForward(intermediate_dim=32, gated=True, activation="silu")
+        >>> tuple(ffn(np.zeros((2, 5, 16), "float32")).shape)
+        (2, 5, 16)
 
     References:
         - [Shazeer, 2020](https://arxiv.org/abs/2002.05202) (GLU variants)

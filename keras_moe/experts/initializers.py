@@ -18,12 +18,11 @@ class StackedInitializer(keras.initializers.Initializer):
     Args:
         initializer: the per-expert initializer (name, config or instance).
 
-    Example:
-
-    >>> init = StackedInitializer("glorot_uniform")
-    >>> tuple(init((4, 8, 16)).shape)
-    (4, 8, 16)
-    """
+    Examples:
+        >>> init = StackedInitializer("glorot_uniform")
+        >>> tuple(init((4, 8, 16)).shape)
+        (4, 8, 16)
+        """
 
     def __init__(self, initializer="glorot_uniform"):
         self.initializer = keras.initializers.get(initializer)

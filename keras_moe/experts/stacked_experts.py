@@ -37,13 +37,12 @@ class StackedExperts(keras.layers.Layer):
         bias_initializer: bias initializer. Defaults to `"zeros"`.
         seed: optional int seed of the dropout noise.
 
-    Example:
-
-    >>> import numpy as np
-    >>> experts = StackedExperts(num_experts=4, intermediate_dim=32)
-    >>> tuple(experts(np.zeros((4, 3, 16), "float32")).shape)
-    (4, 3, 16)
-    """
+    Examples:
+        >>> import numpy as np
+        >>> experts = StackedExperts(num_experts=4, intermediate_dim=32)
+        >>> tuple(experts(np.zeros((4, 3, 16), "float32")).shape)
+        (4, 3, 16)
+        """
 
     def __init__(
         self,

@@ -180,6 +180,8 @@ class StackedMLP(keras.layers.Layer):
             training only. Defaults to `0.0`.
         kernel_initializer: initializer of each `(in, out)` kernel slice.
             Defaults to `"glorot_uniform"`.
+        output_kernel_initializer: initializer of the last layer's kernel
+            slices. Defaults to `None`, which uses `kernel_initializer`.
         bias_initializer: initializer of each bias slice. Defaults to
             `"zeros"`.
         kernel_regularizer: optional regularizer on the stacked kernels.
@@ -199,6 +201,7 @@ class StackedMLP(keras.layers.Layer):
         use_bias=True,
         dropout=0.0,
         kernel_initializer="glorot_uniform",
+        output_kernel_initializer=None,
         bias_initializer="zeros",
         kernel_regularizer=None,
         bias_regularizer=None,
@@ -213,6 +216,11 @@ class StackedMLP(keras.layers.Layer):
         self.use_bias = bool(use_bias)
         self.dropout = validate_rate("dropout", dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.output_kernel_initializer = (
+            None
+            if output_kernel_initializer is None
+            else keras.initializers.get(output_kernel_initializer)
+        )
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
@@ -240,12 +248,15 @@ class StackedMLP(keras.layers.Layer):
         self.kernels = []
         self.biases = []
         for i, units in enumerate(self.units):
+            kernel_initializer = self.kernel_initializer
+            if i == len(self.units) - 1 and self.output_kernel_initializer:
+                kernel_initializer = self.output_kernel_initializer
             self.kernels.append(
                 self.add_weight(
                     name=f"kernel_{i}",
                     shape=(self.num_stacks, in_dim, units),
                     initializer=self._initializer(
-                        self.kernel_initializer, f"kernel_{i}"
+                        kernel_initializer, f"kernel_{i}"
                     ),
                     regularizer=self.kernel_regularizer,
                 )
@@ -296,6 +307,13 @@ class StackedMLP(keras.layers.Layer):
                 "activate_output": self.activate_output,
                 "stacked_inputs": self.stacked_inputs,
                 **weights_config(self),
+                "output_kernel_initializer": (
+                    None
+                    if self.output_kernel_initializer is None
+                    else keras.initializers.serialize(
+                        self.output_kernel_initializer
+                    )
+                ),
             }
         )
         return config

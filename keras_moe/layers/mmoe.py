@@ -53,6 +53,12 @@ class MMoE(keras.layers.Layer):
             training only. Defaults to `0.0`.
         kernel_initializer: initializer of each expert's and gate's kernels.
             Defaults to `"glorot_uniform"`.
+        gate_initializer: initializer of each gate's last kernel, the
+            projection to expert logits. Defaults to `"zeros"`: every gate
+            starts as the uniform mixture of its experts and learns to
+            specialize. (A random gate starts by splitting the inputs among
+            the experts at random; on the MMoE synthetic experiment that
+            trained markedly slower.)
         bias_initializer: initializer of the biases. Defaults to `"zeros"`.
         kernel_regularizer: optional regularizer on all kernels.
         bias_regularizer: optional regularizer on all biases.
@@ -105,6 +111,7 @@ class MMoE(keras.layers.Layer):
         use_bias=True,
         dropout=0.0,
         kernel_initializer="glorot_uniform",
+        gate_initializer="zeros",
         bias_initializer="zeros",
         kernel_regularizer=None,
         bias_regularizer=None,
@@ -126,6 +133,7 @@ class MMoE(keras.layers.Layer):
         self.use_bias = bool(use_bias)
         self.dropout = validate_rate("dropout", dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.gate_initializer = keras.initializers.get(gate_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
@@ -151,6 +159,7 @@ class MMoE(keras.layers.Layer):
             self.gate_units + (self.num_experts,),
             activation=self.gate_activation,
             activate_output=False,
+            output_kernel_initializer=self.gate_initializer,
             name="gates",
             **common,
         )
@@ -206,6 +215,9 @@ class MMoE(keras.layers.Layer):
                     self.gate_activation
                 ),
                 **weights_config(self),
+                "gate_initializer": keras.initializers.serialize(
+                    self.gate_initializer
+                ),
             }
         )
         return config

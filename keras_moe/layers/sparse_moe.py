@@ -99,24 +99,23 @@ class SparseMoE(keras.layers.Layer):
         **kwargs: standard layer arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        inputs: `(..., hidden)` tensor, rank >= 2.
-        training: bool, training mode (losses, jitter, capacity factor).
-        mask: optional bool `(...)`, `False` for padding tokens.
-        return_routing: bool; if `True` returns `(outputs, routing)` with
-            `routing` a dict of `router_logits (..., E)` float32,
-            `expert_indices (..., k)` int32 (best first), `expert_weights
-            (..., k)` and `dispatched (..., k)` bool.
+        - `inputs`: `(..., hidden)` tensor, rank >= 2.
+        - `training`: bool, training mode (losses, jitter, capacity factor).
+        - `mask`: optional bool `(...)`, `False` for padding tokens.
+        - `return_routing`: bool; if `True` returns `(outputs, routing)`
+          with `routing` a dict of `router_logits (..., E)` float32,
+          `expert_indices (..., k)` int32 (best first), `expert_weights
+          (..., k)` and `dispatched (..., k)` bool.
 
-    Example:
-
-    >>> import keras, numpy as np
-    >>> import keras_moe
-    >>> model = keras.Sequential([
-    ...     keras.Input((16, 32)),
-    ...     keras_moe.layers.SparseMoE(num_experts=8, intermediate_dim=64, top_k=2),
-    ... ])
-    >>> tuple(model(np.zeros((2, 16, 32), "float32")).shape)
-    (2, 16, 32)
+    Examples:
+        >>> import keras, numpy as np
+        >>> import keras_moe
+        >>> model = keras.Sequential([
+        ...     keras.Input((16, 32)),
+        ...     keras_moe.layers.SparseMoE(num_experts=8, intermediate_dim=64, top_k=2),
+        ... ])
+        >>> tuple(model(np.zeros((2, 16, 32), "float32")).shape)
+        (2, 16, 32)
 
     References:
         - [Shazeer et al., 2017](https://arxiv.org/abs/1701.06538)
@@ -316,7 +315,7 @@ class SparseMoE(keras.layers.Layer):
         indices = routing["expert_indices"]  # (tokens, k)
         weights = routing["expert_weights"]  # (tokens, k) float32
         if token_mask is None:
-            valid = ops.ones(ops.shape(indices), dtype="bool")
+            valid = ops.ones_like(indices, dtype="bool")
         else:
             valid = ops.broadcast_to(ops.expand_dims(token_mask, -1), ops.shape(indices))
 

@@ -32,12 +32,11 @@ class SwitchFFN(SparseMoE):
         **kwargs: any other `SparseMoE` argument (`group_size`, `use_bias`,
             `gated`, ...) and standard layer arguments.
 
-    Example:
-
-    >>> import numpy as np
-    >>> layer = SwitchFFN(num_experts=4, intermediate_dim=64)
-    >>> tuple(layer(np.zeros((2, 8, 32), "float32")).shape)
-    (2, 8, 32)
+    Examples:
+        >>> import numpy as np
+        >>> layer = SwitchFFN(num_experts=4, intermediate_dim=64)
+        >>> tuple(layer(np.zeros((2, 8, 32), "float32")).shape)
+        (2, 8, 32)
 
     References:
         - [Fedus et al., 2021](https://arxiv.org/abs/2101.03961)

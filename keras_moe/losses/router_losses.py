@@ -39,13 +39,12 @@ def load_balancing_loss(router_probs, expert_indices, mask=None):
     Returns:
         A float32 scalar.
 
-    Example:
-
-    >>> import numpy as np
-    >>> probs = np.full((4, 2), 0.5, "float32")
-    >>> indices = np.array([[0], [1], [0], [1]])
-    >>> float(load_balancing_loss(probs, indices))
-    1.0
+    Examples:
+        >>> import numpy as np
+        >>> probs = np.full((4, 2), 0.5, "float32")
+        >>> indices = np.array([[0], [1], [0], [1]])
+        >>> float(load_balancing_loss(probs, indices))
+        1.0
 
     References:
         - [Fedus et al., 2021](https://arxiv.org/abs/2101.03961), eq. 4.
@@ -76,11 +75,10 @@ def router_z_loss(router_logits, mask=None):
     Returns:
         A float32 scalar.
 
-    Example:
-
-    >>> import numpy as np
-    >>> round(float(router_z_loss(np.zeros((3, 4), "float32"))), 4)
-    1.9218
+    Examples:
+        >>> import numpy as np
+        >>> round(float(router_z_loss(np.zeros((3, 4), "float32"))), 4)
+        1.9218
 
     References:
         - [Zoph et al., 2022](https://arxiv.org/abs/2202.08906), eq. 5.

@@ -44,13 +44,12 @@ class TopKRouter(keras.layers.Layer):
         kernel_initializer: initializer of the `(hidden, E)` kernel.
         seed: optional int seed of the jitter noise.
 
-    Example:
-
-    >>> import numpy as np
-    >>> router = TopKRouter(num_experts=4, top_k=2)
-    >>> plan = router(np.random.rand(6, 8).astype("float32"))
-    >>> tuple(plan["expert_indices"].shape)
-    (6, 2)
+    Examples:
+        >>> import numpy as np
+        >>> router = TopKRouter(num_experts=4, top_k=2)
+        >>> plan = router(np.random.rand(6, 8).astype("float32"))
+        >>> tuple(plan["expert_indices"].shape)
+        (6, 2)
 
     References:
         - [Shazeer et al., 2017](https://arxiv.org/abs/1701.06538)

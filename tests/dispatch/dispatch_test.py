@@ -97,3 +97,34 @@ def test_compute_capacity():
     assert dispatch.compute_capacity(1.25, 4096, 2, 8) == 1280
     assert dispatch.compute_capacity(1.0, 3, 1, 8) == 1
     assert dispatch.compute_capacity(0.01, 10, 1, 4) == 1
+
+
+def test_dropless_under_compilation_matches_eager():
+    """TF under XLA and JAX under jit take the static blocks layout."""
+    from keras_moe.layers import SparseMoE
+
+    layer = SparseMoE(4, 8, gated=True, activation="silu")
+    x = np.random.default_rng(4).standard_normal((2, 9, 8)).astype("float32")
+    eager = _np(layer(x))
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        compiled = tf.function(lambda t: layer(t), jit_compile=True)
+    elif backend == "jax":
+        import jax
+
+        def run(trainable, non_trainable, t):
+            return layer.stateless_call(trainable, non_trainable, t)[0]
+
+        jitted = jax.jit(run)
+
+        def compiled(t):
+            return jitted(
+                [v.value for v in layer.trainable_variables],
+                [v.value for v in layer.non_trainable_variables],
+                t,
+            )
+    else:
+        pytest.skip("Keras' torch backend runs eagerly")
+    np.testing.assert_allclose(_np(compiled(x)), eager, atol=1e-5)

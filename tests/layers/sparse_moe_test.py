@@ -350,9 +350,10 @@ def test_sequential_functional_subclassed_and_summary():
 
     inputs = keras.Input((5, HIDDEN))
     out, routing = SparseMoE(4, 8)(inputs, return_routing=True)
-    func = keras.Model(inputs, [out, routing["expert_indices"]])
-    y, idx = func(_inputs((2, 5, HIDDEN)))
-    assert tuple(idx.shape) == (2, 5, 2)
+    func = keras.Model(inputs, [out, routing])
+    y, r = func(_inputs((2, 5, HIDDEN)))
+    assert tuple(r["expert_indices"].shape) == (2, 5, 2)
+    assert _np(r["dispatched"]).all()
 
     class Block(keras.Model):
         def __init__(self):
@@ -380,6 +381,18 @@ def test_fit_includes_aux_losses_and_learns():
     # The aux losses are part of what fit() minimizes.
     model(x[:16], training=True)
     assert len(model.losses) == 2
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_fit_with_partial_batches(capacity_factor):
+    """A last partial batch makes TensorFlow retrace with an unknown batch size."""
+    model = keras.Sequential(
+        [keras.Input((3, HIDDEN)), SparseMoE(4, 8, capacity_factor=capacity_factor, group_size=4)]
+    )
+    model.compile(optimizer="adam", loss="mse")
+    x = _inputs((21, 3, HIDDEN))
+    model.fit(x, x, epochs=2, batch_size=8, verbose=0)
+    assert model.predict(x, batch_size=8, verbose=0).shape == x.shape
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
