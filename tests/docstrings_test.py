@@ -1,0 +1,25 @@
+"""The `Examples:` in the public docstrings run, on every backend."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "keras_moe.layers.sparse_moe",
+    "keras_moe.layers.switch_ffn",
+    "keras_moe.layers.mmoe",
+    "keras_moe.layers.ple",
+    "keras_moe.routers.top_k_router",
+    "keras_moe.experts.stacked_experts",
+    "keras_moe.experts.feed_forward",
+    "keras_moe.experts.initializers",
+    "keras_moe.losses.router_losses",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
