@@ -249,7 +249,10 @@ class StackedMLP(keras.layers.Layer):
         self.biases = []
         for i, units in enumerate(self.units):
             kernel_initializer = self.kernel_initializer
-            if i == len(self.units) - 1 and self.output_kernel_initializer:
+            if (
+                i == len(self.units) - 1
+                and self.output_kernel_initializer is not None
+            ):
                 kernel_initializer = self.output_kernel_initializer
             self.kernels.append(
                 self.add_weight(

@@ -36,7 +36,7 @@ def test_output_and_gate_shapes(expert_units, gate_units):
 
 
 def test_gate_rows_are_distributions():
-    layer = MMoE(2, 5, 3, gate_units=[4])
+    layer = MMoE(2, 5, 3, gate_units=[4], gate_initializer="glorot_uniform")
     _, gates = layer(_x(8) * 10.0, return_gates=True)
     for gate in gates:
         gate = _np(gate)
@@ -47,7 +47,7 @@ def test_gate_rows_are_distributions():
 
 def test_outputs_are_gate_mixtures_of_the_experts():
     x = _x()
-    layer = MMoE(2, 3, [5, 4], expert_activation="relu")
+    layer = MMoE(2, 3, [5, 4], gate_initializer="random_normal")
     outputs, gates = layer(x, return_gates=True)
     w = _weights(layer)
     relu = lambda v: np.maximum(v, 0.0)  # noqa: E731
@@ -122,8 +122,20 @@ def test_experts_start_independent_with_their_own_fans(initializer):
     np.testing.assert_allclose(
         kernel.std(axis=(1, 2)), limit / np.sqrt(3.0), rtol=0.1
     )
-    gates = _weights(layer)["gates/kernel_0"]
-    assert not np.allclose(gates[0], gates[1])
+
+
+def test_gates_start_uniform_by_default():
+    layer = MMoE(2, 4, 3, gate_units=[5])
+    _, gates = layer(_x(), return_gates=True)
+    for gate in gates:
+        np.testing.assert_allclose(_np(gate), 0.25, atol=1e-6)
+    # The hidden gate layer is random, and so is a non-default last layer.
+    kernels = _weights(layer)
+    assert not np.allclose(kernels["gates/kernel_0"][0], kernels["gates/kernel_0"][1])
+    layer = MMoE(2, 4, 3, gate_initializer="glorot_uniform")
+    layer.build((None, 6))
+    kernel = _weights(layer)["gates/kernel_0"]
+    assert not np.allclose(kernel[0], kernel[1])
 
 
 def test_seeded_initializer_is_reproducible():
@@ -176,6 +188,7 @@ def test_get_config_round_trip():
         gate_units=[3],
         expert_activation="gelu",
         gate_activation="tanh",
+        gate_initializer="he_normal",
         use_bias=False,
         dropout=0.1,
         kernel_regularizer="l2",

@@ -27,7 +27,7 @@ def _softmax(logits):
 
 
 def test_cgc_shapes_and_gates():
-    layer = CGC(3, 2, 1, [5, 4], gate_units=[3])
+    layer = CGC(3, 2, 1, [5, 4], gate_units=[3], gate_initializer="he_normal")
     outputs, gates = layer(_x(), return_gates=True)
     assert [tuple(o.shape) for o in outputs] == [(4, 4)] * 3
     assert [tuple(g.shape) for g in gates] == [(4, 3)] * 3
@@ -44,12 +44,14 @@ def test_cgc_shared_output():
     outputs, gates = layer(_x(), return_gates=True)
     assert [tuple(o.shape) for o in outputs] == [(4, 4)] * 3
     assert [tuple(g.shape) for g in gates] == [(4, 5), (4, 5), (4, 7)]
-    np.testing.assert_allclose(_np(gates[-1]).sum(-1), 1.0, atol=1e-6)
+    # Gates start as uniform mixtures (gate_initializer="zeros").
+    np.testing.assert_allclose(_np(gates[0]), 1 / 5, atol=1e-6)
+    np.testing.assert_allclose(_np(gates[-1]), 1 / 7, atol=1e-6)
 
 
 def test_cgc_task_gates_mix_own_and_shared_experts_only():
     x = _x()
-    layer = CGC(2, 2, 1, 3, shared_output=True)
+    layer = CGC(2, 2, 1, 3, shared_output=True, gate_initializer="random_normal")
     outputs, gates = layer(x, return_gates=True)
     w = _weights(layer)
     experts = np.maximum(
@@ -86,7 +88,7 @@ def test_cgc_task_gates_mix_own_and_shared_experts_only():
 def test_cgc_list_inputs_route_streams_to_their_experts():
     rng = np.random.default_rng(2)
     streams = [rng.normal(size=(4, 3)).astype("float32") for _ in range(3)]
-    layer = CGC(2, 1, 1, 2, shared_output=True)
+    layer = CGC(2, 1, 1, 2, shared_output=True, gate_initializer="he_normal")
     outputs = layer(streams)
     assert [tuple(o.shape) for o in outputs] == [(4, 2)] * 3
     # Task 0's output must not depend on task 1's stream.
@@ -216,6 +218,7 @@ def test_get_config_round_trip(cls):
         expert_units=[5, 3],
         gate_units=[4],
         expert_activation="gelu",
+        gate_initializer="glorot_normal",
         dropout=0.1,
     )
     if cls is PLE:

@@ -123,7 +123,7 @@ def test_save_and_load(mixture, tmp_path):
         },
     )
     x, labels = _data(32)
-    model.fit(x, labels, epochs=1, batch_size=16, verbose=0)
+    model.fit(x, labels, epochs=1, batch_size=32, verbose=0)
     expected = model.predict(x, verbose=0)
     path = tmp_path / "multi_task.keras"
     model.save(path)
