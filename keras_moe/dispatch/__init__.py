@@ -11,5 +11,6 @@ from keras_moe.dispatch.blocks import to_blocks
 from keras_moe.dispatch.capacity import capacity_slots
 from keras_moe.dispatch.capacity import compute_capacity
 from keras_moe.dispatch.capacity import dispatch_with_capacity
+from keras_moe.dispatch.capacity import slot_sources
 from keras_moe.dispatch.dropless import dispatch_dropless
 from keras_moe.dispatch.dropless import sort_by_expert

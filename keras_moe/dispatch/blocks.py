@@ -1,11 +1,12 @@
-"""Per-expert blocks: the portable layout for dropless dispatch.
+"""Per-expert blocks: the layout of dropless dispatch.
 
 Rows sorted by expert are copied into `(blocks, B, hidden)`, each expert's
 rows starting on a block boundary, so that every block holds rows of one
 expert only and the experts run as a scan of dense `(B, hidden)` matmuls.
 The number of blocks is static, `ceil(N / B) + E` (enough for any routing:
 each expert wastes less than one block), so shapes are fixed under `jit`
-and no `(E, tokens)` buffer is ever made.
+and no `(E, tokens)` buffer is ever made. The grouped-matmul fast paths use
+the same layout with `B = 8`, which keeps every group 16-byte aligned.
 """
 
 from keras import ops
@@ -39,8 +40,10 @@ def to_blocks(x_sorted, row_experts, group_sizes, num_experts, block_size):
 
     Returns:
         `(x_blocks (blocks, B, hidden), block_experts (blocks,) int32,
-        destinations (N,) int32)`; `destinations[i]` is row `i`'s place in
-        the flattened blocks, `blocks * B` (out of range) for padding rows.
+        block_sizes (E,) int32, destinations (N,) int32)`: `block_sizes[e]`
+        is the rows expert `e` spans in the blocks (a multiple of `B`), and
+        `destinations[i]` row `i`'s place in the flattened blocks,
+        `blocks * B` (out of range) for padding rows.
     """
     rows = ops.shape(x_sorted)[0]
     hidden = ops.shape(x_sorted)[1]
@@ -51,6 +54,8 @@ def to_blocks(x_sorted, row_experts, group_sizes, num_experts, block_size):
     padded_ends = ops.cumsum(padded_sizes)
     padded_starts = padded_ends - padded_sizes  # (E,)
     starts = ops.cumsum(group_sizes) - group_sizes  # (E,)
+
+    # Sorted row -> block row.
     expert = ops.minimum(row_experts, num_experts - 1)
     rank = ops.arange(rows, dtype="int32") - ops.take(starts, expert)
     destinations = ops.where(
@@ -58,19 +63,17 @@ def to_blocks(x_sorted, row_experts, group_sizes, num_experts, block_size):
     )
     destinations = ops.cast(destinations, "int32")
 
-    # Which sorted row fills each block row (0 = empty), then one gather.
-    source = ops.scatter(
-        ops.expand_dims(destinations, -1),
-        ops.arange(1, rows + 1, dtype="int32"),
-        (capacity + 1,),
-    )[:capacity]
-    table = ops.concatenate([ops.zeros((1, hidden), x_sorted.dtype), x_sorted], axis=0)
-    x_blocks = ops.reshape(ops.take(table, source, axis=0), (num_blocks, block_size, hidden))
-
+    # Block row -> sorted row, by arithmetic: gathers only, no scatter.
     block_starts = ops.arange(num_blocks, dtype="int32") * block_size
     block_experts = ops.searchsorted(ops.cast(padded_ends, "int32"), block_starts, side="right")
     block_experts = ops.cast(ops.minimum(block_experts, num_experts - 1), "int32")
-    return x_blocks, block_experts, destinations
+    row_expert = ops.repeat(block_experts, block_size)  # (capacity,)
+    offset = ops.arange(capacity, dtype="int32") - ops.take(padded_starts, row_expert)
+    filled = ops.logical_and(offset >= 0, offset < ops.take(group_sizes, row_expert))
+    source = ops.where(filled, ops.take(starts, row_expert) + offset + 1, 0)
+    table = ops.concatenate([ops.zeros((1, hidden), x_sorted.dtype), x_sorted], axis=0)
+    x_blocks = ops.reshape(ops.take(table, source, axis=0), (num_blocks, block_size, hidden))
+    return x_blocks, block_experts, ops.cast(padded_sizes, "int32"), destinations
 
 
 def from_blocks(y_blocks, destinations):

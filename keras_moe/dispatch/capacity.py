@@ -55,6 +55,41 @@ def _flat_offsets(groups, rows_per_group):
     return ops.reshape(ops.arange(groups, dtype="int32") * rows_per_group, (-1, 1, 1))
 
 
+def slot_sources(slots, num_experts, capacity):
+    """For each buffer slot, the assignment that fills it.
+
+    Sorting the slots puts the served assignments in slot order; expert
+    `e`'s are contiguous and fill its slots `0 .. count_e - 1`, so slot
+    `(e, c)` holds sorted entry `start_e + c` when `c < count_e`. Gathers
+    only: no scatter (Keras' torch `ops.scatter` loops in Python).
+
+    Args:
+        slots: `(groups, A)` int32 slot of each assignment, `E * C` = none.
+        num_experts: int `E`.
+        capacity: int `C`.
+
+    Returns:
+        `(sources (groups, E * C) int32, filled (groups, E * C) bool)`:
+        the flat assignment index filling each slot, and whether one does.
+    """
+    num_assignments = ops.shape(slots)[1]
+    # Served slots are unique; only the trash slot ties, and its order is moot.
+    order = ops.cast(ops.argsort(slots, axis=-1), "int32")  # (groups, A)
+    served = ops.cast(slots < num_experts * capacity, "int32")
+    expert = ops.minimum(slots // capacity, num_experts - 1)
+    counts = ops.sum(
+        ops.one_hot(expert, num_experts, dtype="int32") * ops.expand_dims(served, -1), axis=1
+    )  # (groups, E)
+    starts = ops.cumsum(counts, axis=-1) - counts
+    slot_expert = ops.arange(num_experts * capacity, dtype="int32") // capacity  # (E*C,)
+    slot_position = ops.arange(num_experts * capacity, dtype="int32") % capacity
+    rank = ops.take(starts, slot_expert, axis=1) + slot_position  # (groups, E*C)
+    filled = slot_position < ops.take(counts, slot_expert, axis=1)
+    rank = ops.minimum(rank, num_assignments - 1)
+    sources = ops.take_along_axis(order, rank, axis=1)
+    return sources, filled
+
+
 def dispatch_with_capacity(x, expert_indices, expert_weights, valid, experts, capacity, training=None):
     """Runs `experts` on capacity buffers and combines the weighted outputs.
 
@@ -70,29 +105,23 @@ def dispatch_with_capacity(x, expert_indices, expert_weights, valid, experts, ca
         `(outputs (groups, S, hidden), dispatched (groups, S, k) bool)`.
     """
     groups, tokens, hidden = ops.shape(x)
+    k = ops.shape(expert_indices)[2]
     num_experts = experts.num_experts
     slots, dispatched = capacity_slots(expert_indices, valid, num_experts, capacity)
     num_slots = num_experts * capacity
 
-    # Which token fills each slot (0 = empty): a gather is cheaper than
-    # scattering hidden vectors, and its gradient is the scatter-add we need.
-    token_ids = ops.broadcast_to(
-        ops.reshape(ops.arange(1, tokens + 1, dtype="int32"), (1, -1, 1)), ops.shape(slots)
-    )
-    group_ids = ops.broadcast_to(ops.reshape(ops.arange(groups, dtype="int32"), (-1, 1, 1)), ops.shape(slots))
-    scatter_at = ops.stack([ops.reshape(group_ids, (-1,)), ops.reshape(slots, (-1,))], axis=-1)
-    # Dropped assignments all land in the trash slot, which is cut off.
-    slot_tokens = ops.scatter(scatter_at, ops.reshape(token_ids, (-1,)), (groups, num_slots + 1))
-    slot_tokens = slot_tokens[:, :num_slots]
-
-    # (groups * (S + 1), hidden) with a zero row in front of each group.
+    # Which token fills each slot (0 = empty), then one gather of rows: its
+    # gradient is the scatter-add the backward pass needs.
+    sources, filled = slot_sources(ops.reshape(slots, (groups, -1)), num_experts, capacity)
+    slot_tokens = ops.where(filled, sources // k + 1, 0)  # (groups, E*C)
     padded = ops.concatenate([ops.zeros((groups, 1, hidden), x.dtype), x], axis=1)
-    table = ops.reshape(padded, (-1, hidden))
+    table = ops.reshape(padded, (-1, hidden))  # (groups * (S + 1), hidden)
     rows = ops.reshape(slot_tokens + _flat_offsets(groups, tokens + 1)[:, :, 0], (-1,))
     buffer = ops.reshape(ops.take(table, rows, axis=0), (groups, num_experts, capacity, hidden))
 
     y = experts(buffer, training=training)  # (groups, E, C, hidden)
 
+    # A zero row after each group's slots stands for the trash slot.
     y = ops.concatenate([ops.reshape(y, (groups, num_slots, hidden)), ops.zeros((groups, 1, hidden), y.dtype)], axis=1)
     y_table = ops.reshape(y, (-1, hidden))
     gathered = ops.take(y_table, ops.reshape(slots + _flat_offsets(groups, num_slots + 1), (-1,)), axis=0)

@@ -32,7 +32,7 @@ def sort_by_expert(expert_indices, valid, num_experts):
     return order, row_experts, ops.cast(group_sizes, "int32")
 
 
-def dispatch_dropless(x, expert_indices, expert_weights, valid, experts, training=None):
+def dispatch_dropless(x, expert_indices, expert_weights, valid, experts, training=None, use_fast_path=None):
     """Runs every valid assignment through its expert and combines.
 
     Args:
@@ -41,6 +41,8 @@ def dispatch_dropless(x, expert_indices, expert_weights, valid, experts, trainin
         expert_weights: `(tokens, k)` combine weights.
         valid: `(tokens, k)` bool, False for masked tokens.
         experts: a `StackedExperts`.
+        use_fast_path: `None` (use the backend grouped matmul where there
+            is one), `True` or `False` (the portable scan over blocks).
 
     Returns:
         `outputs (tokens, hidden)`.
@@ -49,22 +51,30 @@ def dispatch_dropless(x, expert_indices, expert_weights, valid, experts, trainin
     tokens, hidden = ops.shape(x)
     k = ops.shape(expert_indices)[1]
     num_experts = experts.num_experts
+    if use_fast_path is None:
+        use_fast_path = fast.has_grouped_matmul()
     order, row_experts, group_sizes = sort_by_expert(expert_indices, valid, num_experts)
     x_sorted = ops.take(x, order // k, axis=0)  # (N, hidden)
 
-    if fast.has_grouped_matmul():
-        y_sorted = experts.call_grouped(x_sorted, row_experts, group_sizes, training=training)
+    if use_fast_path:
+        block_size = 8
     else:
         block_size = blocks.block_size_for(ops.shape(x_sorted)[0], num_experts)
-        x_blocks, block_experts, destinations = blocks.to_blocks(
-            x_sorted, row_experts, group_sizes, num_experts, block_size
+    x_blocks, block_experts, block_sizes, destinations = blocks.to_blocks(
+        x_sorted, row_experts, group_sizes, num_experts, block_size
+    )
+    if use_fast_path:
+        rows = ops.reshape(x_blocks, (-1, hidden))
+        y_rows = experts.call_grouped(
+            rows, ops.repeat(block_experts, block_size), block_sizes, training=training
         )
+        y_blocks = ops.reshape(y_rows, ops.shape(x_blocks))
+    else:
         y_blocks = experts.call_blocks(x_blocks, block_experts, training=training)
-        y_sorted = blocks.from_blocks(y_blocks, destinations)
+    y_sorted = blocks.from_blocks(y_blocks, destinations)  # (N, hidden)
 
-    # Undo the sort: inverse permutation by scattering positions.
-    num = ops.shape(order)[0]
-    inverse = ops.scatter(ops.expand_dims(order, -1), ops.arange(num, dtype="int32"), (num,))
+    # Undo the sort (the inverse of a permutation is its argsort).
+    inverse = ops.argsort(order)
     y = ops.reshape(ops.take(y_sorted, inverse, axis=0), (tokens, k, hidden))
     # where, not a product: rows of invalid assignments are never trusted.
     y = ops.where(ops.expand_dims(valid, -1), y, ops.zeros((), y.dtype))

@@ -31,8 +31,11 @@ def _dense_reference(experts, x, indices, weights, valid):
     return out
 
 
+@pytest.mark.parametrize("use_fast_path", [False, True])
 @pytest.mark.parametrize("gated, use_bias", [(False, False), (True, True)])
-def test_dropless_matches_dense_reference(gated, use_bias):
+def test_dropless_matches_dense_reference(gated, use_bias, use_fast_path):
+    if use_fast_path and not fast.has_grouped_matmul():
+        pytest.skip("no grouped-matmul fast path on this backend/device")
     tokens, k, E, d = 37, 2, 5, 6
     x = np.random.default_rng(1).standard_normal((tokens, d)).astype("float32")
     indices, weights = _routing(tokens, k, E)
@@ -40,7 +43,7 @@ def test_dropless_matches_dense_reference(gated, use_bias):
     valid[-4:] = False
     experts = StackedExperts(E, 7, gated=gated, use_bias=use_bias, bias_initializer="random_normal")
     experts.build((None, d))
-    out = _np(dispatch.dispatch_dropless(x, indices, weights, valid, experts))
+    out = _np(dispatch.dispatch_dropless(x, indices, weights, valid, experts, use_fast_path=use_fast_path))
     np.testing.assert_allclose(out, _dense_reference(experts, x, indices, weights, valid), atol=1e-5)
 
 
@@ -58,7 +61,11 @@ def test_blocks_and_grouped_fast_path_agree():
     x_sorted = _np(keras.ops.take(x, keras.ops.convert_to_tensor(_np(order) // k), axis=0))
     real = int(valid.sum())
     for block_size in (1, 4, 32):
-        x_blocks, block_experts, dest = dispatch.to_blocks(x_sorted, row_experts, group_sizes, E, block_size)
+        x_blocks, block_experts, block_sizes, dest = dispatch.to_blocks(
+            x_sorted, row_experts, group_sizes, E, block_size
+        )
+        assert (_np(block_sizes) % block_size == 0).all()
+        assert (_np(block_sizes) >= _np(group_sizes)).all()
         y = _np(dispatch.from_blocks(experts.call_blocks(x_blocks, block_experts), dest))
         expected = np.stack([
             _np(experts(np.broadcast_to(x_sorted[i], (E, 1, d))))[e, 0]
@@ -78,6 +85,16 @@ def test_sort_by_expert_is_stable_and_counts():
     np.testing.assert_array_equal(_np(sizes), [3, 1, 2])
     np.testing.assert_array_equal(_np(order), [1, 2, 6, 3, 0, 7, 4, 5])
     np.testing.assert_array_equal(_np(row_experts), [0, 0, 0, 1, 2, 2, 3, 3])
+
+
+def test_slot_sources_invert_slots():
+    slots = np.array([[0, 4, 1, 5, 3, 6, 2, 6]], "int32")  # E=2, C=3, trash=6
+    sources, filled = dispatch.slot_sources(slots, 2, 3)
+    np.testing.assert_array_equal(_np(filled)[0], [True, True, True, True, True, True])
+    np.testing.assert_array_equal(_np(sources)[0], [0, 2, 6, 4, 1, 3])
+    sources, filled = dispatch.slot_sources(np.array([[6, 0, 6, 3]], "int32"), 2, 3)
+    np.testing.assert_array_equal(_np(filled)[0], [True, False, False, True, False, False])
+    np.testing.assert_array_equal(_np(sources)[0][_np(filled)[0]], [1, 3])
 
 
 def test_capacity_slots_order():
