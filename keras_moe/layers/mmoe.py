@@ -26,8 +26,8 @@ class MMoE(keras.layers.Layer):
 
     All experts are computed together as one batched contraction per layer
     depth, with kernels stacked along a leading expert axis; the gates are
-    batched the same way along a task axis. Every expert (and gate) is
-    initialized independently from the others.
+    batched the same way along a task axis. Every expert is initialized
+    independently of the others, with the fans of its own `(in, out)` slice.
 
     Variables: `experts.kernel_{i}` of shape
     `(num_experts, in_i, expert_units[i])` and `experts.bias_{i}` of shape

@@ -1,3 +1,7 @@
+import inspect
+import re
+import textwrap
+
 import numpy as np
 import pytest
 import keras
@@ -158,3 +162,17 @@ def test_invalid_arguments(kwargs, argument):
     args.update(kwargs)
     with pytest.raises(ValueError, match=f"`{argument}"):
         MultiTaskModel(**args)
+
+
+def _run_docstring_example(obj):
+    """Runs the fenced Python code of `obj`'s docstring `Example:`."""
+    doc = inspect.getdoc(obj)
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL)
+    assert blocks, f"{obj.__name__} has no Example code"
+    for block in blocks:
+        code = textwrap.dedent(block)
+        exec(compile(code, f"<{obj.__name__} docstring>", "exec"), {})
+
+
+def test_docstring_example_runs():
+    _run_docstring_example(MultiTaskModel)
