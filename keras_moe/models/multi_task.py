@@ -21,17 +21,13 @@ def _validate_tasks(tasks):
                 "Every key of `tasks` must be a non-empty string without "
                 f"'/'. Received: tasks={tasks!r}"
             )
-        is_classes = isinstance(head, int) and not isinstance(head, bool)
-        if not (head in _HEAD_TYPES if isinstance(head, str) else is_classes):
+        if isinstance(head, str) and head in _HEAD_TYPES:
+            continue
+        if isinstance(head, bool) or not isinstance(head, int) or head < 2:
             raise ValueError(
-                f'Every value of `tasks` must be "binary", "regression" or '
-                f"an integer number of classes >= 2. Received: "
+                'Every value of `tasks` must be "binary", "regression" or '
+                "a number of classes >= 2. Received: "
                 f"tasks[{name!r}]={head!r}"
-            )
-        if is_classes and head < 2:
-            raise ValueError(
-                "A multi-class task in `tasks` needs a number of classes "
-                f">= 2. Received: tasks[{name!r}]={head}"
             )
     return dict(tasks)
 
@@ -55,6 +51,11 @@ def _validate_tower_units(tower_units, task_names):
 
 
 def _head(name, head, dtype):
+    policy = keras.dtype_policies.get(dtype or keras.config.dtype_policy())
+    if policy.compute_dtype in ("float16", "bfloat16"):
+        # Mixed precision: outputs and their activations in float32, as Keras
+        # recommends, so that the losses see full-precision probabilities.
+        dtype = "float32"
     if head == "binary":
         return keras.layers.Dense(
             1, activation="sigmoid", name=f"{name}_head", dtype=dtype
@@ -99,7 +100,8 @@ class MultiTaskModel(keras.Model):
         tower_activation: activation of the tower layers. Defaults to
             `"relu"`.
         **kwargs: other keyword arguments of `keras.Model`, e.g. `name` and
-            `dtype`.
+            `dtype`. Under a mixed-precision policy the heads compute in
+            float32.
 
     Example:
 

@@ -92,6 +92,14 @@ def test_expert_kernels_are_stacked():
     }
 
 
+def test_mixed_precision():
+    layer = MMoE(2, 3, 4, dtype="mixed_bfloat16")
+    outputs, gates = layer(_x(), return_gates=True)
+    assert keras.backend.standardize_dtype(outputs[0].dtype) == "bfloat16"
+    assert keras.backend.standardize_dtype(gates[0].dtype) == "float32"
+    assert keras.backend.standardize_dtype(layer.weights[0].dtype) == "float32"
+
+
 def test_single_task():
     layer = MMoE(1, 3, 4)
     outputs, gates = layer(_x(), return_gates=True)

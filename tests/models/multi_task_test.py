@@ -100,6 +100,15 @@ def test_loss_weights_weigh_the_task_losses():
     np.testing.assert_allclose(result["loss"], expected, rtol=1e-4)
 
 
+def test_mixed_precision_heads_in_float32():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = MultiTaskModel(5, TASKS, MMoE(3, 4, 8), tower_units=[4])
+    x, _ = _data(8)
+    outputs = model.predict(x, verbose=0)
+    assert {str(v.dtype) for v in outputs.values()} == {"float32"}
+    np.testing.assert_allclose(outputs["genre"].sum(-1), 1.0, atol=1e-5)
+
+
 def test_get_config_round_trip():
     model = MultiTaskModel(
         5, TASKS, PLE(3, 2, 1, 1, 6), tower_units=[4], tower_activation="tanh"
