@@ -40,8 +40,11 @@ Constants the paper leaves open, fixed here (also printed by the script):
 
 Runs on JAX by default; choose another backend with `KERAS_BACKEND`:
 
-    python examples/mmoe_synthetic.py                  # full run, ~5-10 min on 2 CPU cores
+    python examples/mmoe_synthetic.py                  # full run, about 5 minutes on 2 CPU cores
     KERAS_BACKEND=torch python examples/mmoe_synthetic.py --smoke   # tiny data, 1 seed, 1 epoch
+
+The figure goes to `--out` (default `docs/assets/mmoe_synthetic.png`; a
+temporary file in smoke mode).
 
 References:
     Ma et al., 2018. Modeling Task Relationships in Multi-task Learning with
@@ -51,6 +54,7 @@ References:
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -177,7 +181,11 @@ def plot(curves, steps_per_epoch, out, title_suffix=""):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny data, 1 seed, 1 epoch (CI)")
-    parser.add_argument("--out", default="docs/assets/mmoe_synthetic.png", help="path of the figure")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="path of the figure (default: docs/assets/mmoe_synthetic.png; with --smoke, a temporary file)",
+    )
     parser.add_argument("--scale", type=float, default=SCALE, help="c, the norm of w1 and w2")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=30)
@@ -188,6 +196,12 @@ def main():
     args = parser.parse_args()
     if args.smoke:
         args.seeds, args.epochs, args.train_size, args.test_size = 1, 1, 256, 128
+    if args.out is None:  # a smoke run must not overwrite the docs' figure
+        args.out = (
+            os.path.join(tempfile.gettempdir(), "mmoe_synthetic_smoke.png")
+            if args.smoke
+            else "docs/assets/mmoe_synthetic.png"
+        )
 
     steps_per_epoch = -(-args.train_size // args.batch_size)
     param_counts = {}
