@@ -8,7 +8,9 @@ and callers discard it.
 
 Fast paths, chosen by `has_grouped_matmul()`:
 - JAX on GPU/TPU: `jax.lax.ragged_dot` (on CPU XLA lowers it to a dense
-  product over every group, E times the work, so it is not used there).
+  product over every group, E times the work, so it is not offered there;
+  on an H100 with jax 0.11 it was slower than the batched blocks layout, so
+  dropless dispatch only uses it when asked to).
 - PyTorch: `torch._grouped_mm` (with an explicit backward: its autograd
   formula rejects the expanded gradients Keras losses produce).
 - TensorFlow outside XLA: a split into per-expert row ranges (dynamic sizes)
@@ -53,6 +55,25 @@ def _static_fast_path_name(backend):
         if hasattr(torch, "_grouped_mm"):
             return "torch_grouped_mm"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def on_accelerator():
+    """Whether the backend computes on a GPU or TPU by default."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    return False
 
 
 def has_grouped_matmul():

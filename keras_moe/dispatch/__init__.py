@@ -2,8 +2,9 @@
 
 - `capacity`: per-group capacity buffers `(groups, E, C, hidden)`; first
   choices are served before second choices, earlier tokens first.
-- `dropless`: every assignment computed; rows sorted by expert, then a
-  grouped matmul (fast path) or per-expert blocks (`blocks`, portable).
+- `dropless`: every assignment computed; rows sorted by expert into
+  per-expert blocks (`blocks`), then a backend grouped matmul, a scan of
+  dense matmuls or one batched einsum (`default_strategy`).
 """
 
 from keras_moe.dispatch.blocks import from_blocks
@@ -12,5 +13,7 @@ from keras_moe.dispatch.capacity import capacity_slots
 from keras_moe.dispatch.capacity import compute_capacity
 from keras_moe.dispatch.capacity import dispatch_with_capacity
 from keras_moe.dispatch.capacity import slot_sources
+from keras_moe.dispatch.dropless import STRATEGIES
+from keras_moe.dispatch.dropless import default_strategy
 from keras_moe.dispatch.dropless import dispatch_dropless
 from keras_moe.dispatch.dropless import sort_by_expert

@@ -32,7 +32,28 @@ def sort_by_expert(expert_indices, valid, num_experts):
     return order, row_experts, ops.cast(group_sizes, "int32")
 
 
-def dispatch_dropless(x, expert_indices, expert_weights, valid, experts, training=None, use_fast_path=None):
+STRATEGIES = ("grouped", "scan", "batched")
+
+
+def default_strategy():
+    """How dropless dispatch runs the experts on this backend and device.
+
+    - `"grouped"`: rows through the backend's grouped matmul
+      (`keras_moe.backend.grouped_matmul`): the default on CPUs where there
+      is one (PyTorch's `torch._grouped_mm`, TensorFlow graphs outside XLA).
+    - `"scan"`: per-expert blocks, a scan of dense matmuls: the default on
+      CPUs without a grouped matmul (JAX, TensorFlow under XLA).
+    - `"batched"`: per-expert blocks, one batched einsum over per-block
+      copies of the kernels: the default on GPUs and TPUs. On an H100 it
+      beat `jax.lax.ragged_dot` (1.7 vs 3.4 ms per training step, E=8,
+      k=2, T=4096) and `torch._grouped_mm` (10.0 vs 13.7 ms).
+    """
+    if fast.on_accelerator():
+        return "batched"
+    return "grouped" if fast.has_grouped_matmul() else "scan"
+
+
+def dispatch_dropless(x, expert_indices, expert_weights, valid, experts, training=None, strategy=None):
     """Runs every valid assignment through its expert and combines.
 
     Args:
@@ -41,8 +62,7 @@ def dispatch_dropless(x, expert_indices, expert_weights, valid, experts, trainin
         expert_weights: `(tokens, k)` combine weights.
         valid: `(tokens, k)` bool, False for masked tokens.
         experts: a `StackedExperts`.
-        use_fast_path: `None` (use the backend grouped matmul where there
-            is one), `True` or `False` (the portable scan over blocks).
+        strategy: one of `STRATEGIES`, or `None` for `default_strategy()`.
 
     Returns:
         `outputs (tokens, hidden)`.
@@ -51,26 +71,29 @@ def dispatch_dropless(x, expert_indices, expert_weights, valid, experts, trainin
     tokens, hidden = ops.shape(x)
     k = ops.shape(expert_indices)[1]
     num_experts = experts.num_experts
-    if use_fast_path is None:
-        use_fast_path = fast.has_grouped_matmul()
+    strategy = strategy or default_strategy()
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {STRATEGIES}. Received: strategy={strategy!r}")
     order, row_experts, group_sizes = sort_by_expert(expert_indices, valid, num_experts)
     x_sorted = ops.take(x, order // k, axis=0)  # (N, hidden)
 
-    if use_fast_path:
-        block_size = 8
+    if strategy == "grouped":
+        block_size = 8  # keeps every group 16-byte aligned
     else:
         block_size = blocks.block_size_for(ops.shape(x_sorted)[0], num_experts)
     x_blocks, block_experts, block_sizes, destinations = blocks.to_blocks(
         x_sorted, row_experts, group_sizes, num_experts, block_size
     )
-    if use_fast_path:
+    if strategy == "grouped":
         rows = ops.reshape(x_blocks, (-1, hidden))
         y_rows = experts.call_grouped(
             rows, ops.repeat(block_experts, block_size), block_sizes, training=training
         )
         y_blocks = ops.reshape(y_rows, ops.shape(x_blocks))
     else:
-        y_blocks = experts.call_blocks(x_blocks, block_experts, training=training)
+        y_blocks = experts.call_blocks(
+            x_blocks, block_experts, training=training, gather_weights=strategy == "batched"
+        )
     y_sorted = blocks.from_blocks(y_blocks, destinations)  # (N, hidden)
 
     # Undo the sort (the inverse of a permutation is its argsort).

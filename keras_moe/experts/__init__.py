@@ -2,4 +2,5 @@
 
 from keras_moe.experts.feed_forward import FeedForward
 from keras_moe.experts.initializers import StackedInitializer
+from keras_moe.experts.initializers import reseeded
 from keras_moe.experts.stacked_experts import StackedExperts

@@ -72,17 +72,19 @@ class StackedExperts(keras.layers.Layer):
     def build(self, input_shape):
         hidden = input_shape[-1]
         E, width = self.num_experts, self.intermediate_dim
-        init = StackedInitializer(self.kernel_initializer)
+        def init(name):
+            return StackedInitializer(self.kernel_initializer, salt=f"{self.name}/{name}")
+
         self.up_kernel = self.add_weight(
-            name="up_kernel", shape=(E, hidden, width), initializer=init
+            name="up_kernel", shape=(E, hidden, width), initializer=init("up_kernel")
         )
         self.gate_kernel = None
         if self.gated:
             self.gate_kernel = self.add_weight(
-                name="gate_kernel", shape=(E, hidden, width), initializer=init
+                name="gate_kernel", shape=(E, hidden, width), initializer=init("gate_kernel")
             )
         self.down_kernel = self.add_weight(
-            name="down_kernel", shape=(E, width, hidden), initializer=init
+            name="down_kernel", shape=(E, width, hidden), initializer=init("down_kernel")
         )
         self.up_bias = self.gate_bias = self.down_bias = None
         if self.use_bias:
@@ -131,14 +133,26 @@ class StackedExperts(keras.layers.Layer):
             self._dropout_mask(hidden_shape, training),
         )
 
-    def call_blocks(self, x_blocks, block_experts, training=None):
+    def call_blocks(self, x_blocks, block_experts, training=None, gather_weights=False):
         """Experts on `(blocks, B, hidden)`, block `n` all of `block_experts[n]`.
 
-        A scan over blocks: each step slices its expert's kernels in place, so
-        no `(blocks, hidden, width)` copy of the weights is made.
+        By default a scan over blocks: each step slices its expert's kernels
+        in place, so no `(blocks, hidden, width)` copy of the weights is made
+        (best on CPUs). With `gather_weights=True`, one batched einsum over
+        per-block copies of the kernels instead: more memory, one kernel
+        launch (best on accelerators).
         """
         blocks, block_size = ops.shape(x_blocks)[0], ops.shape(x_blocks)[1]
         mask = self._dropout_mask((blocks, block_size, self.intermediate_dim), training)
+        if gather_weights:
+            return self._run(
+                x_blocks,
+                lambda t, kernel: ops.einsum(
+                    "nbd,ndh->nbh", t, ops.take(kernel, block_experts, axis=0)
+                ),
+                lambda y, bias: y + ops.expand_dims(ops.take(bias, block_experts, axis=0), 1),
+                mask,
+            )
         xs = (x_blocks, block_experts) if mask is None else (x_blocks, block_experts, mask)
 
         def step(carry, inputs):

@@ -6,11 +6,11 @@ per depth, with kernels stacked on a leading axis, instead of a Python loop
 over `Dense` layers.
 """
 
-import zlib
-
 import keras
 import numpy as np
 from keras import ops
+
+from keras_moe.experts.initializers import StackedInitializer
 
 
 def validate_int(name, value, minimum):
@@ -97,62 +97,6 @@ def softmax_gates(logits):
     return ops.softmax(ops.cast(logits, "float32"), axis=-1)
 
 
-def reseeded(initializer, *salt):
-    """Returns a copy of `initializer` with a seed derived from its own and `salt`.
-
-    Keras initializers seeded with an integer (or unseeded, which draws an
-    integer seed once at construction) return the same values on every
-    call. Sub-layers that share one initializer instance use this to draw
-    different values, reproducibly. Initializers without an integer seed
-    (zeros, constant, identity, or seeded by a `keras.random.SeedGenerator`,
-    which advances by itself) are returned unchanged.
-    """
-    seed = getattr(initializer, "seed", None)
-    if (
-        not isinstance(initializer, keras.initializers.Initializer)
-        or isinstance(seed, bool)
-        or not isinstance(seed, (int, np.integer))
-    ):
-        return initializer
-    config = initializer.get_config()
-    if "seed" not in config:
-        return initializer
-    entropy = [int(seed)] + [zlib.crc32(str(s).encode("utf-8")) for s in salt]
-    new_seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
-    return initializer.__class__.from_config(
-        {**config, "seed": new_seed % (2**31 - 1)}
-    )
-
-
-class _PerStackInitializer(keras.initializers.Initializer):
-    """Initializes each slice `[s]` of a stacked variable on its own.
-
-    A stacked kernel of shape `(num_stacks, in, out)` must start as
-    `num_stacks` independent `(in, out)` kernels. Calling the base initializer
-    on the full shape is wrong twice over: variance-scaling initializers
-    (glorot, he, lecun) treat the leading axis as a receptive field and
-    scale by the wrong fans, and a seeded Keras initializer returns the same
-    values on every call, so plain slice-by-slice calls would make all
-    experts identical. Here every slice is drawn with the slice shape
-    (correct fans) from its own seed, derived from the base initializer's
-    seed, a per-variable `salt` and the slice index.
-    """
-
-    def __init__(self, base, salt):
-        self.base = base
-        self.salt = salt
-
-    def __call__(self, shape, dtype=None):
-        slice_shape = tuple(shape[1:])
-        return ops.stack(
-            [
-                reseeded(self.base, self.salt, s)(slice_shape, dtype=dtype)
-                for s in range(shape[0])
-            ],
-            axis=0,
-        )
-
-
 @keras.saving.register_keras_serializable(package="keras_moe")
 class StackedMLP(keras.layers.Layer):
     """`num_stacks` independent MLPs of equal widths, run as batched einsums.
@@ -231,7 +175,7 @@ class StackedMLP(keras.layers.Layer):
         )
 
     def _initializer(self, base, variable_name):
-        return _PerStackInitializer(base, f"{self.name}/{variable_name}")
+        return StackedInitializer(base, salt=f"{self.name}/{variable_name}")
 
     def build(self, input_shape):
         in_dim = input_shape[-1]

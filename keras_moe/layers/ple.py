@@ -6,7 +6,7 @@ from keras import ops
 
 from keras_moe.layers._multitask_experts import StackedMLP
 from keras_moe.layers._multitask_experts import normalize_units
-from keras_moe.layers._multitask_experts import reseeded
+from keras_moe.experts.initializers import reseeded
 from keras_moe.layers._multitask_experts import softmax_gates
 from keras_moe.layers._multitask_experts import validate_int
 from keras_moe.layers._multitask_experts import validate_rate

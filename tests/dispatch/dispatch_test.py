@@ -31,10 +31,10 @@ def _dense_reference(experts, x, indices, weights, valid):
     return out
 
 
-@pytest.mark.parametrize("use_fast_path", [False, True])
+@pytest.mark.parametrize("strategy", ["grouped", "scan", "batched"])
 @pytest.mark.parametrize("gated, use_bias", [(False, False), (True, True)])
-def test_dropless_matches_dense_reference(gated, use_bias, use_fast_path):
-    if use_fast_path and not fast.has_grouped_matmul():
+def test_dropless_matches_dense_reference(gated, use_bias, strategy):
+    if strategy == "grouped" and not fast.has_grouped_matmul():
         pytest.skip("no grouped-matmul fast path on this backend/device")
     tokens, k, E, d = 37, 2, 5, 6
     x = np.random.default_rng(1).standard_normal((tokens, d)).astype("float32")
@@ -43,7 +43,7 @@ def test_dropless_matches_dense_reference(gated, use_bias, use_fast_path):
     valid[-4:] = False
     experts = StackedExperts(E, 7, gated=gated, use_bias=use_bias, bias_initializer="random_normal")
     experts.build((None, d))
-    out = _np(dispatch.dispatch_dropless(x, indices, weights, valid, experts, use_fast_path=use_fast_path))
+    out = _np(dispatch.dispatch_dropless(x, indices, weights, valid, experts, strategy=strategy))
     np.testing.assert_allclose(out, _dense_reference(experts, x, indices, weights, valid), atol=1e-5)
 
 

@@ -285,11 +285,15 @@ def test_variables_follow_contract():
     assert np.all(_np(layer.router.expert_bias) == 0)
 
 
-def test_experts_start_different():
-    layer = SparseMoE(4, 8, kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+@pytest.mark.parametrize("initializer", ["glorot_uniform", "seeded"])
+def test_experts_start_different(initializer):
+    if initializer == "seeded":
+        initializer = keras.initializers.GlorotUniform(seed=1)
+    layer = SparseMoE(4, 8, gated=True, kernel_initializer=initializer)
     layer.build((None, HIDDEN))
     up = _np(layer.experts.up_kernel)
     assert not np.allclose(up[0], up[1])
+    assert not np.allclose(up, _np(layer.experts.gate_kernel))
     # Per-expert fan: the scale matches a (hidden, width) glorot kernel.
     limit = np.sqrt(6 / (HIDDEN + 8))
     assert np.abs(up).max() <= limit and np.abs(up).max() > 0.5 * limit
