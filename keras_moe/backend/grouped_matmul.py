@@ -134,7 +134,10 @@ def _tf_split_matmul(x, kernels, group_sizes):
     num_groups = kernels.shape[0]
     rest = tf.shape(x)[0] - tf.reduce_sum(group_sizes)
     pieces = tf.split(x, tf.concat([group_sizes, [rest]], axis=0), num=num_groups + 1)
-    outputs = [tf.matmul(pieces[e], kernels[e]) for e in range(num_groups)]
+    # unstack, not kernels[e]: each slice's gradient would be a full-size
+    # (E, d, h) tensor, E of them.
+    per_group = tf.unstack(kernels, num=num_groups)
+    outputs = [tf.matmul(pieces[e], per_group[e]) for e in range(num_groups)]
     # Padding rows after the last group: zeros of the output width.
     outputs.append(tf.zeros((rest, kernels.shape[2]), x.dtype))
     return tf.concat(outputs, axis=0)

@@ -136,7 +136,7 @@ class StackedExperts(keras.layers.Layer):
     def call_blocks(self, x_blocks, block_experts, training=None, gather_weights=False):
         """Experts on `(blocks, B, hidden)`, block `n` all of `block_experts[n]`.
 
-        By default a scan over blocks: each step slices its expert's kernels
+        By default a loop (`ops.map`) over blocks: each step slices its expert's kernels
         in place, so no `(blocks, hidden, width)` copy of the weights is made
         (best on CPUs). With `gather_weights=True`, one batched einsum over
         per-block copies of the kernels instead: more memory, one kernel
@@ -155,20 +155,18 @@ class StackedExperts(keras.layers.Layer):
             )
         xs = (x_blocks, block_experts) if mask is None else (x_blocks, block_experts, mask)
 
-        def step(carry, inputs):
+        def step(inputs):
             x, expert = inputs[0], inputs[1]
-            y = self._run(
+            return self._run(
                 x,
                 lambda t, kernel: ops.matmul(t, ops.take(kernel, expert, axis=0)),
                 lambda y, bias: y + ops.take(bias, expert, axis=0),
                 inputs[2] if len(inputs) > 2 else None,
             )
-            return carry, y
 
-        # The carry is unused, but TensorFlow's `ops.scan` wants it shaped
-        # like each step's output.
-        _, y_blocks = ops.scan(step, ops.zeros_like(x_blocks[0]), xs)
-        return y_blocks
+        # `ops.map`, not `ops.scan`: TensorFlow cannot differentiate its scan
+        # under XLA ("fixed tensor list size"); its map compiles.
+        return ops.map(step, xs)
 
     def call_grouped(self, x_sorted, row_experts, group_sizes, training=None):
         """Experts on rows `(N, hidden)` sorted by expert (fast path only)."""

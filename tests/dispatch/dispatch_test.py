@@ -117,7 +117,7 @@ def test_compute_capacity():
 
 
 def test_dropless_under_compilation_matches_eager():
-    """TF under XLA and JAX under jit take the static blocks layout."""
+    """TF under XLA and JAX under jit take static layouts, gradients too."""
     from keras_moe.layers import SparseMoE
 
     layer = SparseMoE(4, 8, gated=True, activation="silu")
@@ -127,21 +127,28 @@ def test_dropless_under_compilation_matches_eager():
     if backend == "tensorflow":
         import tensorflow as tf
 
-        compiled = tf.function(lambda t: layer(t), jit_compile=True)
+        def loss_and_grads(t):
+            with tf.GradientTape() as tape:
+                y = layer(t, training=True)
+                loss = tf.reduce_mean(y**2)
+            return y, tape.gradient(loss, [v.value for v in layer.trainable_variables])
+
+        y, grads = tf.function(loss_and_grads, jit_compile=True)(x)
+        _, eager_grads = loss_and_grads(tf.constant(x))
     elif backend == "jax":
         import jax
 
-        def run(trainable, non_trainable, t):
-            return layer.stateless_call(trainable, non_trainable, t)[0]
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
 
-        jitted = jax.jit(run)
+        def loss(trainable, t):
+            y = layer.stateless_call(trainable, non_trainable, t, training=True)[0]
+            return (y**2).mean(), y
 
-        def compiled(t):
-            return jitted(
-                [v.value for v in layer.trainable_variables],
-                [v.value for v in layer.non_trainable_variables],
-                t,
-            )
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable, x)
+        (_, _), eager_grads = jax.value_and_grad(loss, has_aux=True)(trainable, x)
     else:
         pytest.skip("Keras' torch backend runs eagerly")
-    np.testing.assert_allclose(_np(compiled(x)), eager, atol=1e-5)
+    np.testing.assert_allclose(_np(y), eager, atol=1e-5)
+    for g, e in zip(grads, eager_grads):
+        np.testing.assert_allclose(_np(g), _np(e), atol=1e-5)
