@@ -7,4 +7,5 @@ caller uses its portable version instead; tests check that both agree.
 
 from keras_moe.backend.grouped_matmul import grouped_matmul
 from keras_moe.backend.grouped_matmul import has_grouped_matmul
+from keras_moe.backend.grouped_matmul import keep_only_matmuls
 from keras_moe.backend.grouped_matmul import on_accelerator

@@ -166,7 +166,7 @@ class StackedExperts(keras.layers.Layer):
 
         # `ops.map`, not `ops.scan`: TensorFlow cannot differentiate its scan
         # under XLA ("fixed tensor list size"); its map compiles.
-        return ops.map(step, xs)
+        return ops.map(fast.keep_only_matmuls(step), xs)
 
     def call_grouped(self, x_sorted, row_experts, group_sizes, training=None):
         """Experts on rows `(N, hidden)` sorted by expert (fast path only)."""
