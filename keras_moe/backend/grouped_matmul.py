@@ -125,7 +125,7 @@ def _torch_grouped_mm(x, kernels, group_sizes):
     offsets = torch.cumsum(group_sizes.to(torch.int64), 0).to(torch.int32)
     # Padding rows join the last group: computed, then discarded by the caller.
     offsets = torch.cat([offsets[:-1], torch.full_like(offsets[-1:], n + pad_n)])
-    return _TorchGroupedMM.apply(x, kernels, offsets)[:n, :h]
+    return _torch_grouped_mm_function().apply(x, kernels, offsets)[:n, :h]
 
 
 def _tf_split_matmul(x, kernels, group_sizes):
@@ -143,7 +143,9 @@ def _tf_split_matmul(x, kernels, group_sizes):
     return tf.concat(outputs, axis=0)
 
 
-def _make_torch_function():
+@functools.lru_cache(maxsize=None)
+def _torch_grouped_mm_function():
+    """The autograd Function, made on first use (torch is imported lazily)."""
     import torch
 
     class TorchGroupedMM(torch.autograd.Function):
@@ -166,18 +168,6 @@ def _make_torch_function():
             return grad_x, grad_kernels, None
 
     return TorchGroupedMM
-
-
-class _LazyTorchFunction:
-    _fn = None
-
-    def apply(self, *args):
-        if _LazyTorchFunction._fn is None:
-            _LazyTorchFunction._fn = _make_torch_function()
-        return _LazyTorchFunction._fn.apply(*args)
-
-
-_TorchGroupedMM = _LazyTorchFunction()
 
 
 def keep_only_matmuls(fn):

@@ -308,7 +308,6 @@ class SparseMoE(keras.layers.Layer):
         input_shape = ops.shape(inputs)
         hidden = input_shape[-1]
         x = ops.reshape(inputs, (-1, hidden))  # (tokens, hidden)
-        tokens = ops.shape(x)[0]
         token_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,))
 
         routing = self.router(x, token_mask=token_mask, training=training)
