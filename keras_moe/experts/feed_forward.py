@@ -3,6 +3,9 @@
 import keras
 from keras import ops
 
+from keras_moe.validation import check_bool
+from keras_moe.validation import check_int
+
 
 def feed_forward(x, project, activation, gated):
     """`down(act(up(x)))`, or `down(act(gate(x)) * up(x))` when `gated`.
@@ -52,14 +55,9 @@ class FeedForward(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not isinstance(intermediate_dim, int) or intermediate_dim < 1:
-            raise ValueError(
-                "`intermediate_dim` must be an integer >= 1. "
-                f"Received: intermediate_dim={intermediate_dim!r}"
-            )
-        self.intermediate_dim = intermediate_dim
+        self.intermediate_dim = check_int("intermediate_dim", intermediate_dim, 1)
         self.activation = keras.activations.get(activation)
-        self.gated = gated
+        self.gated = check_bool("gated", gated)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
     def build(self, input_shape):

@@ -4,8 +4,12 @@ import keras
 from keras import ops
 
 from keras_moe import backend as fast
+from keras_moe.experts.contractions import stacked_matmul
 from keras_moe.experts.feed_forward import feed_forward
 from keras_moe.experts.initializers import StackedInitializer
+from keras_moe.validation import check_bool
+from keras_moe.validation import check_int
+from keras_moe.validation import check_rate
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -18,7 +22,7 @@ class StackedExperts(keras.layers.Layer):
     The experts know nothing of routing; they accept tokens in the three
     layouts the dispatchers produce:
 
-    - `call(x)`: a capacity buffer `(..., E, C, hidden)`, one batched einsum.
+    - `call(x)`: a capacity buffer `(..., E, C, hidden)`, one batched matmul.
     - `call_blocks(x_blocks, block_experts)`: `(blocks, B, hidden)` blocks of
       rows of one expert each (dropless, portable).
     - `call_grouped(x_sorted, row_experts, group_sizes)`: rows sorted by
@@ -58,12 +62,12 @@ class StackedExperts(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_experts = num_experts
-        self.intermediate_dim = intermediate_dim
+        self.num_experts = check_int("num_experts", num_experts, 1)
+        self.intermediate_dim = check_int("intermediate_dim", intermediate_dim, 1)
         self.activation = keras.activations.get(activation)
-        self.gated = gated
-        self.use_bias = use_bias
-        self.dropout = dropout
+        self.gated = check_bool("gated", gated)
+        self.use_bias = check_bool("use_bias", use_bias)
+        self.dropout = check_rate("dropout", dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.seed = seed
@@ -128,7 +132,7 @@ class StackedExperts(keras.layers.Layer):
         hidden_shape = tuple(ops.shape(inputs)[:-1]) + (self.intermediate_dim,)
         return self._run(
             inputs,
-            lambda t, kernel: ops.einsum("...ecd,edh->...ech", t, kernel),
+            stacked_matmul,
             lambda y, bias: y + ops.expand_dims(bias, -2),
             self._dropout_mask(hidden_shape, training),
         )

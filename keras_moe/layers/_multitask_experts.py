@@ -7,68 +7,14 @@ over `Dense` layers.
 """
 
 import keras
-import numpy as np
 from keras import ops
 
+from keras_moe.experts.contractions import shared_input_matmul
+from keras_moe.experts.contractions import stacked_matmul
 from keras_moe.experts.initializers import StackedInitializer
-
-
-def validate_int(name, value, minimum):
-    """Returns `value` as an int, or raises if it is not an int >= `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value!r}"
-        )
-    if value < minimum:
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value}"
-        )
-    return int(value)
-
-
-def normalize_units(name, value, allow_empty=False):
-    """Returns layer widths as a tuple of positive ints.
-
-    Accepts an int (one layer) or a list/tuple of ints (one entry per layer).
-    """
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        value = (value,)
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(
-            f"`{name}` must be a positive integer or a list of positive "
-            f"integers. Received: {name}={value!r}"
-        )
-    if not value and not allow_empty:
-        raise ValueError(
-            f"`{name}` must be a positive integer or a non-empty list of "
-            f"positive integers. Received: {name}={value!r}"
-        )
-    for units in value:
-        if (
-            isinstance(units, bool)
-            or not isinstance(units, (int, np.integer))
-            or units < 1
-        ):
-            raise ValueError(
-                f"Every entry of `{name}` must be an integer >= 1. "
-                f"Received: {name}={value!r}"
-            )
-    return tuple(int(units) for units in value)
-
-
-def validate_rate(name, value):
-    """Returns a dropout rate in [0, 1) as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(
-            f"`{name}` must be a float in [0, 1). Received: {name}={value!r}"
-        )
-    if not 0.0 <= value < 1.0:
-        raise ValueError(
-            f"`{name}` must be a float in [0, 1). Received: {name}={value}"
-        )
-    return float(value)
+from keras_moe.validation import check_int
+from keras_moe.validation import check_rate
+from keras_moe.validation import check_units
 
 
 def weights_config(layer):
@@ -99,7 +45,7 @@ def softmax_gates(logits):
 
 @keras.saving.register_keras_serializable(package="keras_moe")
 class StackedMLP(keras.layers.Layer):
-    """`num_stacks` independent MLPs of equal widths, run as batched einsums.
+    """`num_stacks` independent MLPs of equal widths, run as batched matmuls.
 
     Each depth `i` holds one kernel of shape `(num_stacks, in_i, units[i])`
     (and a bias `(num_stacks, units[i])`), so all MLPs advance together in a
@@ -152,13 +98,13 @@ class StackedMLP(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_stacks = validate_int("num_stacks", num_stacks, 1)
-        self.units = normalize_units("units", units)
+        self.num_stacks = check_int("num_stacks", num_stacks, 1)
+        self.units = check_units("units", units)
         self.activation = keras.activations.get(activation)
         self.activate_output = bool(activate_output)
         self.stacked_inputs = bool(stacked_inputs)
         self.use_bias = bool(use_bias)
-        self.dropout = validate_rate("dropout", dropout)
+        self.dropout = check_rate("dropout", dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.output_kernel_initializer = (
             None
@@ -228,9 +174,9 @@ class StackedMLP(keras.layers.Layer):
         last = len(self.units) - 1
         for i, kernel in enumerate(self.kernels):
             if i == 0 and not self.stacked_inputs:
-                hidden = ops.einsum("...i,sio->...so", hidden, kernel)
+                hidden = shared_input_matmul(hidden, kernel)
             else:
-                hidden = ops.einsum("...si,sio->...so", hidden, kernel)
+                hidden = stacked_matmul(hidden, kernel, axis=-2)
             # hidden: (..., num_stacks, units[i])
             if self.use_bias:
                 hidden = hidden + self.biases[i]

@@ -4,11 +4,11 @@ import keras
 from keras import ops
 
 from keras_moe.layers._multitask_experts import StackedMLP
-from keras_moe.layers._multitask_experts import normalize_units
 from keras_moe.layers._multitask_experts import softmax_gates
-from keras_moe.layers._multitask_experts import validate_int
-from keras_moe.layers._multitask_experts import validate_rate
 from keras_moe.layers._multitask_experts import weights_config
+from keras_moe.validation import check_int
+from keras_moe.validation import check_rate
+from keras_moe.validation import check_units
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -122,16 +122,16 @@ class MMoE(keras.layers.Layer):
             uid = keras.backend.get_uid("mmoe")
             kwargs["name"] = "mmoe" if uid == 1 else f"mmoe_{uid - 1}"
         super().__init__(**kwargs)
-        self.num_tasks = validate_int("num_tasks", num_tasks, 1)
-        self.num_experts = validate_int("num_experts", num_experts, 1)
-        self.expert_units = normalize_units("expert_units", expert_units)
-        self.gate_units = normalize_units(
+        self.num_tasks = check_int("num_tasks", num_tasks, 1)
+        self.num_experts = check_int("num_experts", num_experts, 1)
+        self.expert_units = check_units("expert_units", expert_units)
+        self.gate_units = check_units(
             "gate_units", gate_units, allow_empty=True
         )
         self.expert_activation = keras.activations.get(expert_activation)
         self.gate_activation = keras.activations.get(gate_activation)
         self.use_bias = bool(use_bias)
-        self.dropout = validate_rate("dropout", dropout)
+        self.dropout = check_rate("dropout", dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.gate_initializer = keras.initializers.get(gate_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)

@@ -5,12 +5,12 @@ import numpy as np
 from keras import ops
 
 from keras_moe.layers._multitask_experts import StackedMLP
-from keras_moe.layers._multitask_experts import normalize_units
 from keras_moe.experts.initializers import reseeded
 from keras_moe.layers._multitask_experts import softmax_gates
-from keras_moe.layers._multitask_experts import validate_int
-from keras_moe.layers._multitask_experts import validate_rate
 from keras_moe.layers._multitask_experts import weights_config
+from keras_moe.validation import check_int
+from keras_moe.validation import check_rate
+from keras_moe.validation import check_units
 
 
 def _is_shape_list(input_shape):
@@ -23,8 +23,8 @@ def _is_shape_list(input_shape):
 
 
 def _validate_expert_counts(num_task_experts, num_shared_experts):
-    num_task_experts = validate_int("num_task_experts", num_task_experts, 0)
-    num_shared_experts = validate_int(
+    num_task_experts = check_int("num_task_experts", num_task_experts, 0)
+    num_shared_experts = check_int(
         "num_shared_experts", num_shared_experts, 0
     )
     if num_task_experts + num_shared_experts < 1:
@@ -150,19 +150,19 @@ class CGC(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_tasks = validate_int("num_tasks", num_tasks, 1)
+        self.num_tasks = check_int("num_tasks", num_tasks, 1)
         self.num_task_experts, self.num_shared_experts = (
             _validate_expert_counts(num_task_experts, num_shared_experts)
         )
-        self.expert_units = normalize_units("expert_units", expert_units)
-        self.gate_units = normalize_units(
+        self.expert_units = check_units("expert_units", expert_units)
+        self.gate_units = check_units(
             "gate_units", gate_units, allow_empty=True
         )
         self.expert_activation = keras.activations.get(expert_activation)
         self.gate_activation = keras.activations.get(gate_activation)
         self.shared_output = bool(shared_output)
         self.use_bias = bool(use_bias)
-        self.dropout = validate_rate("dropout", dropout)
+        self.dropout = check_rate("dropout", dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.gate_initializer = keras.initializers.get(gate_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -465,19 +465,19 @@ class PLE(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_tasks = validate_int("num_tasks", num_tasks, 1)
-        self.num_levels = validate_int("num_levels", num_levels, 1)
+        self.num_tasks = check_int("num_tasks", num_tasks, 1)
+        self.num_levels = check_int("num_levels", num_levels, 1)
         self.num_task_experts, self.num_shared_experts = (
             _validate_expert_counts(num_task_experts, num_shared_experts)
         )
-        self.expert_units = normalize_units("expert_units", expert_units)
-        self.gate_units = normalize_units(
+        self.expert_units = check_units("expert_units", expert_units)
+        self.gate_units = check_units(
             "gate_units", gate_units, allow_empty=True
         )
         self.expert_activation = keras.activations.get(expert_activation)
         self.gate_activation = keras.activations.get(gate_activation)
         self.use_bias = bool(use_bias)
-        self.dropout = validate_rate("dropout", dropout)
+        self.dropout = check_rate("dropout", dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.gate_initializer = keras.initializers.get(gate_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)

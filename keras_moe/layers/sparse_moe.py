@@ -8,9 +8,12 @@ from keras_moe import losses
 from keras_moe.experts import FeedForward
 from keras_moe.experts import StackedExperts
 from keras_moe.routers import TopKRouter
-from keras_moe.routers.top_k_router import _check_float
-from keras_moe.routers.top_k_router import _check_int
 from keras_moe.routers.top_k_router import validate_routing_args
+from keras_moe.validation import check_float_dtype
+from keras_moe.validation import check_int
+from keras_moe.validation import check_non_negative
+from keras_moe.validation import check_positive
+from keras_moe.validation import check_rate
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -167,28 +170,25 @@ class SparseMoE(keras.layers.Layer):
             router_jitter=router_jitter,
             expert_bias_update_rate=expert_bias_update_rate,
         )
-        _check_int("intermediate_dim", intermediate_dim, 1)
+        check_int("intermediate_dim", intermediate_dim, 1)
         for name, value in (
             ("capacity_factor", capacity_factor),
             ("eval_capacity_factor", eval_capacity_factor),
         ):
             if value is not None:
-                _check_float(name, value, 0, False)
+                check_positive(name, value)
         if group_size is not None:
-            _check_int("group_size", group_size, 1)
-        _check_int("shared_intermediate_dim", shared_intermediate_dim, 0)
+            check_int("group_size", group_size, 1)
+        check_int("shared_intermediate_dim", shared_intermediate_dim, 0)
         if shared_expert_gate and shared_intermediate_dim == 0:
             raise ValueError(
                 "`shared_expert_gate=True` needs a shared expert: set "
                 "`shared_intermediate_dim` >= 1. Received: shared_intermediate_dim=0"
             )
-        _check_float("load_balance_loss_weight", load_balance_loss_weight, 0, True)
-        _check_float("router_z_loss_weight", router_z_loss_weight, 0, True)
-        _check_float("expert_dropout", expert_dropout, 0, True, high=1)
-        if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(router_dtype)):
-            raise ValueError(
-                f"`router_dtype` must be a floating dtype. Received: router_dtype={router_dtype!r}"
-            )
+        check_non_negative("load_balance_loss_weight", load_balance_loss_weight)
+        check_non_negative("router_z_loss_weight", router_z_loss_weight)
+        check_rate("expert_dropout", expert_dropout)
+        check_float_dtype("router_dtype", router_dtype)
 
         self.num_experts = num_experts
         self.intermediate_dim = intermediate_dim

@@ -2,8 +2,9 @@
 
 import keras
 
-from keras_moe.layers._multitask_experts import normalize_units
-from keras_moe.layers._multitask_experts import validate_int
+from keras_moe.validation import check_int
+from keras_moe.validation import check_units
+
 
 _HEAD_TYPES = ("binary", "regression")
 
@@ -41,12 +42,12 @@ def _validate_tower_units(tower_units, task_names):
                 f"{list(tower_units)}"
             )
         return {
-            name: normalize_units(
+            name: check_units(
                 f"tower_units[{name!r}]", tower_units[name], allow_empty=True
             )
             for name in task_names
         }
-    units = normalize_units("tower_units", tower_units, allow_empty=True)
+    units = check_units("tower_units", tower_units, allow_empty=True)
     return {name: units for name in task_names}
 
 
@@ -149,7 +150,7 @@ class MultiTaskModel(keras.Model):
         tower_activation="relu",
         **kwargs,
     ):
-        input_dim = validate_int("input_dim", input_dim, 1)
+        input_dim = check_int("input_dim", input_dim, 1)
         tasks = _validate_tasks(tasks)
         if not isinstance(mixture, keras.layers.Layer):
             raise ValueError(

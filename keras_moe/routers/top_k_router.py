@@ -1,9 +1,13 @@
 """Token-choice top-k router: logits -> scores -> selection -> weights."""
 
-import math
-
 import keras
 from keras import ops
+
+from keras_moe.validation import check_choice
+from keras_moe.validation import check_int
+from keras_moe.validation import check_non_negative
+from keras_moe.validation import check_positive
+from keras_moe.validation import check_rate
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 
@@ -217,26 +221,6 @@ class TopKRouter(keras.layers.Layer):
         return config
 
 
-def _check_int(name, value, low, high=None):
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    ok = ok and value >= low and (high is None or value <= high)
-    if not ok:
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"`{name}` must be an integer {allowed}. Received: {name}={value!r}")
-
-
-def _check_float(name, value, low, low_inclusive, high=None):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value)
-    ok = ok and (value >= low if low_inclusive else value > low)
-    ok = ok and (high is None or value < high)
-    if not ok:
-        bound = f"{'>=' if low_inclusive else '>'} {low}"
-        if high is not None:
-            bound += f" and < {high}"
-        raise ValueError(f"`{name}` must be a number {bound}. Received: {name}={value!r}")
-
-
 def validate_routing_args(
     num_experts,
     top_k,
@@ -248,26 +232,23 @@ def validate_routing_args(
     expert_bias_update_rate,
 ):
     """Raises `ValueError` naming the first invalid routing argument."""
-    _check_int("num_experts", num_experts, 1)
-    _check_int("top_k", top_k, 1, num_experts)
-    if score_func not in SCORE_FUNCS:
-        raise ValueError(
-            f"`score_func` must be one of {SCORE_FUNCS}. Received: score_func={score_func!r}"
-        )
-    _check_float("routed_scaling_factor", routed_scaling_factor, 0, False)
-    _check_int("num_groups", num_groups, 1, num_experts)
+    check_int("num_experts", num_experts, 1)
+    check_int("top_k", top_k, 1, num_experts)
+    check_choice("score_func", score_func, SCORE_FUNCS)
+    check_positive("routed_scaling_factor", routed_scaling_factor)
+    check_int("num_groups", num_groups, 1, num_experts)
     if num_experts % num_groups:
         raise ValueError(
             "`num_groups` must divide `num_experts` evenly. Received: "
             f"num_groups={num_groups}, num_experts={num_experts}"
         )
     if top_groups is not None:
-        _check_int("top_groups", top_groups, 1, num_groups)
+        check_int("top_groups", top_groups, 1, num_groups)
         reachable = top_groups * (num_experts // num_groups)
         if top_k > reachable:
             raise ValueError(
                 f"`top_k` must be at most top_groups * num_experts / num_groups = "
                 f"{reachable}, the experts the kept groups hold. Received: top_k={top_k}"
             )
-    _check_float("router_jitter", router_jitter, 0, True, high=1)
-    _check_float("expert_bias_update_rate", expert_bias_update_rate, 0, True)
+    check_rate("router_jitter", router_jitter)
+    check_non_negative("expert_bias_update_rate", expert_bias_update_rate)
