@@ -5,7 +5,9 @@ returns `None` (or reports unavailable) where no fast path applies, and the
 caller uses its portable version instead; tests check that both agree.
 """
 
+from keras_moe.backend.gradients import custom_gradient
+from keras_moe.backend.gradients import vjp
 from keras_moe.backend.grouped_matmul import grouped_matmul
+from keras_moe.backend.grouped_matmul import grouped_outer
 from keras_moe.backend.grouped_matmul import has_grouped_matmul
-from keras_moe.backend.grouped_matmul import keep_only_matmuls
 from keras_moe.backend.grouped_matmul import on_accelerator

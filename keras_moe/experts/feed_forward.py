@@ -12,14 +12,26 @@ def feed_forward(x, project, activation, gated):
 
     `project(tensor, name)` applies the projection `name` in
     `{"up", "gate", "down"}` (kernel and bias) in whatever layout the caller
-    holds its tokens; this is the one place the FFN formula is written.
+    holds its tokens; this and `activate` are the one place the FFN formula
+    is written.
     """
-    hidden = project(x, "up")
-    if gated:
-        hidden = activation(project(x, "gate")) * hidden
-    else:
-        hidden = activation(hidden)
-    return project(hidden, "down")
+    first = [project(x, "up")] + ([project(x, "gate")] if gated else [])
+    return project(activate(first, activation), "down")
+
+
+def activate(first, activation):
+    """The FFN's hidden activation from its first projections.
+
+    Args:
+        first: `[up]`, or `[up, gate]` for a gated linear unit.
+        activation: the activation function.
+
+    Returns:
+        `act(up)`, or `act(gate) * up`.
+    """
+    if len(first) == 2:
+        return activation(first[1]) * first[0]
+    return activation(first[0])
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
