@@ -1,5 +1,6 @@
 """Dropless dispatch: every routed assignment is computed exactly once."""
 
+import keras
 from keras import ops
 
 from keras_moe import backend as fast
@@ -10,27 +11,28 @@ from keras_moe.dispatch.grouped import STRATEGIES
 def default_strategy():
     """How dropless dispatch runs the experts on this backend and device.
 
-    - `"grouped"`: all rows through the backend's grouped matmul
-      (`keras_moe.backend.grouped_matmul`): the default on CPUs where there
-      is one (PyTorch's `torch._grouped_mm`, TensorFlow graphs outside XLA).
-    - `"scan"`: a loop over each expert's blocks of rows, one dense matmul
-      per block: the default on CPUs without a grouped matmul (JAX,
-      TensorFlow under XLA).
-    - `"batched"`: one batched einsum over per-block copies of the kernels:
-      the default on GPUs and TPUs. On an H100 (before the fused gathers)
-      it beat `jax.lax.ragged_dot` (1.7 vs 3.4 ms per training step, E=8,
-      k=2, T=4096) and `torch._grouped_mm` (10.0 vs 13.7 ms).
+    See `keras_moe.dispatch.grouped` for what each strategy does.
+
+    - `"ranges"` on CPUs with dynamic shapes: PyTorch, TensorFlow graphs
+      outside XLA (a Python loop over the experts' exact row ranges).
+    - `"scan"` on CPUs under XLA: JAX, TensorFlow with `jit_compile=True`
+      (a compiled loop over fixed-size blocks of each expert's rows).
+    - `"batched"` on GPUs and TPUs: one batched einsum over per-block copies
+      of the kernels. On an H100 (measured before the fused gathers, with
+      `T = 4096`, `E = 8`, `k = 2`) it beat `jax.lax.ragged_dot` (1.7 vs
+      3.4 ms per training step) and `torch._grouped_mm` (10.0 vs 13.7 ms).
     """
     if fast.on_accelerator():
         return "batched"
-    return "grouped" if fast.has_grouped_matmul() else "scan"
+    return "ranges" if fast.eager_shapes() or fast.has_grouped_matmul() else "scan"
 
 
 def describe_strategy(strategy):
-    """One line on what `strategy` does here (for benchmark tables)."""
+    """One line on what `strategy` does (for benchmark tables)."""
     return {
-        "grouped": "rows sorted by expert through the backend grouped matmul",
-        "scan": "a loop over each expert's blocks of rows, one dense matmul per block",
+        "ranges": "a loop over the experts' exact row ranges, one matmul per expert and projection",
+        "scan": "a compiled loop over fixed-size blocks of each expert's rows",
+        "grouped": "all rows through the backend grouped matmul",
         "batched": "one batched einsum over per-block copies of the kernels",
     }[strategy]
 
@@ -56,9 +58,9 @@ def dispatch_dropless(
         experts: a `StackedExperts`.
         training: bool, training mode (expert dropout).
         strategy: one of `STRATEGIES`, or `None` for `default_strategy()`.
-        block_size: int, rows per block, or `None` for `8` with
-            `"grouped"` (16-byte aligned groups) and `block_size_for(...)`
-            otherwise.
+        block_size: int, rows per block, or `None` for `1` with `"ranges"`
+            (exact row ranges), `8` with `"grouped"` (16-byte aligned
+            groups) and `block_size_for(...)` otherwise.
 
     Returns:
         `outputs (tokens, hidden)`.
@@ -67,10 +69,17 @@ def dispatch_dropless(
     strategy = strategy or default_strategy()
     if strategy not in STRATEGIES:
         raise ValueError(f"`strategy` must be one of {STRATEGIES}. Received: strategy={strategy!r}")
+    if strategy == "ranges" and keras.backend.backend() == "jax":
+        raise ValueError(
+            "`strategy='ranges'` needs dynamic shapes (PyTorch, TensorFlow graphs); "
+            "on JAX use 'scan', 'grouped' or 'batched'. Received: strategy='ranges'"
+        )
     num_experts = experts.num_experts
     if block_size is None:
         num_rows = ops.shape(expert_indices)[0] * ops.shape(expert_indices)[1]
-        block_size = 8 if strategy == "grouped" else blocks.block_size_for(num_rows, num_experts)
+        block_size = {"ranges": 1, "grouped": 8}.get(strategy) or blocks.block_size_for(
+            num_rows, num_experts
+        )
     plan = blocks.plan_rows(expert_indices, valid, num_experts, block_size)
     weights = ops.cast(blocks.row_weights(expert_weights, plan), x.dtype)  # (R,)
     return experts.call_dropless(x, plan, weights, strategy, training=training)

@@ -1,28 +1,36 @@
 """Expert matmuls over per-expert rows, fused with the data moves.
 
 Two functions carry a dropless expert FFN: the first projection(s) read the
-tokens through the rows (`gather_matmul`), the last projection writes the
-tokens through the rows (`matmul_combine`). Both have a hand-written
-backward pass (`keras_moe.backend.custom_gradient`) that keeps only its
-inputs and recomputes the gathers, so no `(R, d)` copy of the tokens, of
-the outputs or of their gradients is kept between the forward and the
-backward pass; what stays are the `(R, h)` hidden activations, which a
-dense FFN of width `k * h` keeps too.
+tokens through the rows (`gather_matmul`), and the hidden activation with the
+weighted last projection writes the tokens through the rows
+(`matmul_combine`). Both have a hand-written backward pass
+(`keras_moe.backend.custom_gradient`) that keeps only its inputs and
+recomputes the gathers and the hidden activation, so that between the
+forward and the backward pass no `(R, d)` copy of the tokens or of the
+outputs is kept, and of the `(R, h)` activations only the first projections
+(which a dense FFN of width `k * h` keeps too).
 
 Strategies (how `rows @ kernels[expert(row)]` runs; `default_strategy()`
 chooses per backend and device):
 
-- `"grouped"`: a backend grouped matmul over all rows
-  (`keras_moe.backend.grouped_matmul`; `torch._grouped_mm`, per-expert row
-  ranges in TensorFlow graphs, `jax.lax.ragged_dot` on accelerators), with
-  `B = 8` (16-byte aligned groups).
-- `"scan"`: a loop over experts and, inside, over that expert's blocks: one
-  dense `(B, d) @ (d, h)` matmul per block, the kernel sliced once per
-  expert, unused blocks skipped, and the token rows gathered block by block
-  (nothing of size `(R, d)` is made for the first projection). Portable
-  (`ops.fori_loop`); for JAX and TensorFlow under XLA.
-- `"batched"`: one batched einsum over per-block copies of the kernels (one
-  kernel launch, more memory; accelerators).
+- `"ranges"`: a Python loop over the experts, each expert's exact row range
+  at once (no padding rows; `B = 1`): gathered from the tokens, one dense
+  matmul per projection, added back into the tokens in place. For backends
+  with dynamic shapes: PyTorch, TensorFlow graphs outside XLA.
+- `"scan"`: a compiled loop over the experts and, inside, over that expert's
+  blocks of `B` rows: one dense `(B, d) @ (d, h)` matmul per block, the
+  kernel sliced once per expert, unused blocks skipped, the token rows
+  gathered and scatter-added block by block. For XLA: JAX and TensorFlow
+  with `jit_compile=True`.
+- `"grouped"`: all rows at once through a backend grouped matmul
+  (`keras_moe.backend.grouped_matmul`: `jax.lax.ragged_dot` on accelerators,
+  `torch._grouped_mm`, per-expert row ranges in TensorFlow graphs), `B = 8`
+  (16-byte aligned groups). Makes `(R, d)` transients.
+- `"batched"`: all rows at once through one batched einsum over per-block
+  copies of the kernels (one kernel launch, more memory; accelerators).
+
+The two loop strategies read and write a block at a time, so neither pass
+makes anything of size `(R, d)`.
 """
 
 from keras import ops
@@ -30,21 +38,98 @@ from keras import ops
 from keras_moe import backend as fast
 from keras_moe.dispatch import blocks
 
-STRATEGIES = ("grouped", "scan", "batched")
+STRATEGIES = ("ranges", "scan", "grouped", "batched")
+LOOPS = ("ranges", "scan")
 
 
-def _block_ranges(plan):
-    """`(first_block (E,), end_block (E,))` of each expert's blocks."""
-    per_expert = plan.group_sizes // plan.block_size
-    ends = ops.cumsum(per_expert)
-    return ends - per_expert, ends
+# ----------------------------------------------------------------------------
+# The expert loop of the "ranges" and "scan" strategies
+
+
+def _expert_ranges(plan):
+    """`(starts, sizes)` of each expert's rows: Python ints on PyTorch (one host read)."""
+    starts = ops.cumsum(plan.group_sizes) - plan.group_sizes
+    if fast.eager_shapes():
+        return [int(s) for s in ops.convert_to_numpy(starts)], [
+            int(s) for s in ops.convert_to_numpy(plan.group_sizes)
+        ]
+    return [starts[e] for e in range(plan.num_experts)], [
+        plan.group_sizes[e] for e in range(plan.num_experts)
+    ]
+
+
+def _expert_loop(plan, strategy, expert_step, carry):
+    """`carry = expert_step(e, blocks, carry)` for every expert `e`.
+
+    `blocks(block_step, state)` runs `state = block_step(start, size, state)`
+    over expert `e`'s rows: blocks of `B` rows in a compiled loop (`"scan"`),
+    or its whole exact range at once (`"ranges"`).
+    """
+    if strategy == "scan":
+        size = plan.block_size
+        per_expert = plan.group_sizes // size
+        ends = ops.cumsum(per_expert)
+        firsts = ends - per_expert
+
+        def step(e, carry):
+            def blocks_of_e(block_step, state):
+                return ops.fori_loop(
+                    ops.take(firsts, e),
+                    ops.take(ends, e),
+                    lambda n, state: block_step(n * size, size, state),
+                    state,
+                )
+
+            return expert_step(e, blocks_of_e, carry)
+
+        return ops.fori_loop(0, plan.num_experts, step, carry)
+    starts, sizes = _expert_ranges(plan)
+    for e in range(plan.num_experts):
+
+        def blocks_of_e(block_step, state, e=e):
+            return block_step(starts[e], sizes[e], state)
+
+        carry = expert_step(e, blocks_of_e, carry)
+    return carry
 
 
 def _expert_slice(t, e):
-    """`t[e]` by a dynamic slice (one copy per expert, not per block)."""
+    """`t[e]`, sliced once per expert (not per block)."""
     shape = ops.shape(t)
     start = (e,) + (0,) * (len(shape) - 1)
     return ops.reshape(ops.slice(t, start, (1,) + tuple(shape[1:])), shape[1:])
+
+
+def _block(source, plan, start, size, gathered, scale=None):
+    """Rows `start .. start + size`: of `source` rows, or of tokens gathered into rows.
+
+    Padding rows of gathered blocks are zeros (selected, not multiplied: the
+    token read in their place may hold anything).
+    """
+    if gathered:
+        tokens = ops.slice(plan.row_tokens, (start,), (size,))
+        count = ops.shape(source)[0]
+        rows = ops.take(source, ops.minimum(tokens, count - 1), axis=0)
+        if plan.block_size > 1:  # blocks of size 1 hold no padding rows
+            rows = ops.where(ops.expand_dims(tokens < count, -1), rows, ops.zeros((), rows.dtype))
+    else:
+        rows = ops.slice(source, (start, 0), (size, ops.shape(source)[1]))
+    if scale is not None:
+        rows = rows * ops.expand_dims(ops.slice(scale, (start,), (size,)), -1)
+    return rows
+
+
+def _add_into_tokens(table, plan, start, size, rows):
+    """`table (T, b)` plus the block's rows `(size, b)` at their tokens.
+
+    Within a block all rows belong to one expert, so a token occurs at most
+    once; padding rows add an exact zero to the last token.
+    """
+    tokens = ops.slice(plan.row_tokens, (start,), (size,))
+    count = ops.shape(table)[0]
+    if plan.block_size > 1:
+        rows = ops.where(ops.expand_dims(tokens < count, -1), rows, ops.zeros((), rows.dtype))
+    return fast.add_rows(table, ops.minimum(tokens, count - 1), rows)
 
 
 def _unique(tensors):
@@ -59,140 +144,89 @@ def _unique(tensors):
     return distinct, index
 
 
-def _block(source, plan, start, gathered, scale=None):
-    """Block rows `start .. start + B`: of `source` rows, or of tokens gathered into rows.
-
-    Padding rows of gathered blocks are zeros (selected, not multiplied: the
-    token read in their place may hold anything).
-    """
-    size = plan.block_size
-    if gathered:
-        tokens = ops.slice(plan.row_tokens, (start,), (size,))
-        count = ops.shape(source)[0]
-        rows = ops.take(source, ops.minimum(tokens, count - 1), axis=0)
-        rows = ops.where(ops.expand_dims(tokens < count, -1), rows, ops.zeros((), rows.dtype))
-    else:
-        rows = ops.slice(source, (start, 0), (size, ops.shape(source)[1]))
-    if scale is not None:
-        rows = rows * ops.expand_dims(ops.slice(scale, (start,), (size,)), -1)
-    return rows
-
-
-def _add_into_tokens(table, plan, start, rows):
-    """`table (T, b)` plus block rows `(B, b)` at their tokens (padding rows: nothing).
-
-    Within a block all rows belong to one expert, so a token occurs at most
-    once and the scatter-add has no duplicates but the padding rows, which
-    add an exact zero to the last token.
-    """
-    size = plan.block_size
-    tokens = ops.slice(plan.row_tokens, (start,), (size,))
-    count = ops.shape(table)[0]
-    rows = ops.where(ops.expand_dims(tokens < count, -1), rows, ops.zeros((), rows.dtype))
-    index = ops.expand_dims(ops.minimum(tokens, count - 1), -1)
-    return ops.scatter_update(table, index, rows, reduction="add")
-
-
-def _scan_matmul(sources, kernels, plan, transpose, gathered, combined, scale, bias):
-    first, end = _block_ranges(plan)
+def _loop_matmul(sources, kernels, plan, strategy, transpose, gathered, combined, scale, bias):
     distinct, index = _unique(sources)
     width = ops.shape(kernels[0])[1 if transpose else 2]
-    size = plan.block_size
     dtype = sources[0].dtype
 
-    def expert_step(e, outs):
+    def expert_step(e, blocks_of_e, outs):
         expert_kernels = [_expert_slice(k, e) for k in kernels]
         if transpose:
             expert_kernels = [ops.transpose(k) for k in expert_kernels]
         bias_row = None if bias is None else ops.expand_dims(_expert_slice(bias, e), 0)
 
-        def block_step(n, outs):
-            start = n * size
-            inputs = [_block(t, plan, start, gathered, scale) for t in distinct]
-            ys = [ops.matmul(inputs[i], k) for i, k in zip(index, expert_kernels)]  # (B, width)
+        def block_step(start, size, outs):
+            inputs = [_block(t, plan, start, size, gathered, scale) for t in distinct]
+            ys = [ops.matmul(inputs[i], k) for i, k in zip(index, expert_kernels)]
             if bias_row is not None:
                 ys[0] = ys[0] + ops.expand_dims(ops.slice(scale, (start,), (size,)), -1) * bias_row
             if combined:
-                return (_add_into_tokens(outs[0], plan, start, sum(ys[1:], ys[0])),)
-            return tuple(ops.slice_update(o, (start, 0), y) for o, y in zip(outs, ys))
+                return (_add_into_tokens(outs[0], plan, start, size, sum(ys[1:], ys[0])),)
+            return tuple(fast.write_slice(o, (start, 0), y) for o, y in zip(outs, ys))
 
-        return ops.fori_loop(ops.take(first, e), ops.take(end, e), block_step, outs)
+        return blocks_of_e(block_step, outs)
 
     if combined:
         init = (ops.zeros((ops.shape(plan.assignment_rows)[0], width), dtype),)
-        return [ops.fori_loop(0, plan.num_experts, expert_step, init)[0]]
+        return list(_expert_loop(plan, strategy, expert_step, init))
     # Rows of unused blocks keep their zeros.
     rows = ops.shape(plan.row_experts)[0]
     init = tuple(ops.zeros((rows, width), dtype) for _ in kernels)
-    return list(ops.fori_loop(0, plan.num_experts, expert_step, init))
+    return list(_expert_loop(plan, strategy, expert_step, init))
 
 
-def _scan_outer(left, rights, plan, left_gathered, right_gathered, left_scale):
-    first, end = _block_ranges(plan)
+def _loop_outer(left, rights, plan, strategy, left_gathered, right_gathered, left_scale):
     a = ops.shape(left)[1]
 
-    def expert_step(e, outs):
-        def block_step(n, accs):
-            start = n * plan.block_size
-            x = ops.transpose(_block(left, plan, start, left_gathered, left_scale))
+    def expert_step(e, blocks_of_e, outs):
+        def block_step(start, size, accs):
+            x = ops.transpose(_block(left, plan, start, size, left_gathered, left_scale))
             return tuple(
-                acc + ops.matmul(x, _block(r, plan, start, right_gathered))
+                acc + ops.matmul(x, _block(r, plan, start, size, right_gathered))
                 for acc, r in zip(accs, rights)
             )
 
         init = tuple(ops.zeros((a, ops.shape(r)[1]), left.dtype) for r in rights)
-        accs = ops.fori_loop(ops.take(first, e), ops.take(end, e), block_step, init)
+        accs = blocks_of_e(block_step, init)
         return tuple(
-            ops.slice_update(o, (e, 0, 0), ops.expand_dims(acc, 0)) for o, acc in zip(outs, accs)
+            fast.write_slice(o, (e, 0, 0), ops.expand_dims(acc, 0)) for o, acc in zip(outs, accs)
         )
 
     init = tuple(ops.zeros((plan.num_experts, a, ops.shape(r)[1]), left.dtype) for r in rights)
-    return list(ops.fori_loop(0, plan.num_experts, expert_step, init))
+    return list(_expert_loop(plan, strategy, expert_step, init))
 
 
-def _scan_gather_backward(x, upstreams, kernels, plan):
+def _loop_gather_backward(x, upstreams, kernels, plan, strategy):
     """`gather_matmul`'s backward pass as one loop: `(d_x, d_kernels)`.
 
     Each block reads its token rows and output gradients once for both the
-    kernel gradient and the token gradient (scatter-added into the tokens:
-    a token occurs at most once per expert). One loop also keeps XLA from
+    kernel gradients and the token gradient. One loop also keeps XLA from
     scheduling the optimizer's in-place kernel update before a loop that
-    still reads the kernel, which would make it copy the kernel.
+    still reads the kernel (which made it copy the kernels).
     """
-    first, end = _block_ranges(plan)
-    size = plan.block_size
-    d = ops.shape(x)[1]
 
-    def expert_step(e, carry):
+    def expert_step(e, blocks_of_e, carry):
         expert_kernels = [_expert_slice(k, e) for k in kernels]
 
-        def block_step(n, carry):
-            d_table, accs = carry
-            start = n * size
-            rows = _block(x, plan, start, True)  # (B, d)
-            grads = [_block(u, plan, start, False) for u in upstreams]  # (B, h)
+        def block_step(start, size, carry):
+            d_x, accs = carry
+            rows = _block(x, plan, start, size, True)  # (B, d)
+            grads = [_block(u, plan, start, size, False) for u in upstreams]  # (B, h)
             accs = tuple(acc + ops.matmul(ops.transpose(rows), g) for acc, g in zip(accs, grads))
-            d_rows = sum(
-                (ops.matmul(g, ops.transpose(k)) for g, k in zip(grads, expert_kernels))
-            )  # (B, d)
-            return _add_into_tokens(d_table, plan, start, d_rows), accs
+            d_rows = sum(ops.matmul(g, ops.transpose(k)) for g, k in zip(grads, expert_kernels))
+            return _add_into_tokens(d_x, plan, start, size, d_rows), accs
 
-        d_table, d_kernels = carry
+        d_x, d_kernels = carry
         init = tuple(ops.zeros(ops.shape(k)[1:], x.dtype) for k in kernels)
-        d_table, accs = ops.fori_loop(
-            ops.take(first, e), ops.take(end, e), block_step, (d_table, init)
-        )
+        d_x, accs = blocks_of_e(block_step, (d_x, init))
         d_kernels = tuple(
-            ops.slice_update(dk, (e, 0, 0), ops.expand_dims(acc, 0))
+            fast.write_slice(dk, (e, 0, 0), ops.expand_dims(acc, 0))
             for dk, acc in zip(d_kernels, accs)
         )
-        return d_table, d_kernels
+        return d_x, d_kernels
 
-    init = (
-        ops.zeros(ops.shape(x), x.dtype),
-        tuple(ops.zeros(ops.shape(k), x.dtype) for k in kernels),
-    )
-    d_x, d_kernels = ops.fori_loop(0, plan.num_experts, expert_step, init)
+    init = (ops.zeros(ops.shape(x), x.dtype), tuple(ops.zeros(ops.shape(k), x.dtype) for k in kernels))
+    d_x, d_kernels = _expert_loop(plan, strategy, expert_step, init)
     return d_x, list(d_kernels)
 
 
@@ -213,7 +247,7 @@ def _input_grads(d_hidden, backward, mask):
     return (d_hidden,) if backward is None else tuple(backward(d_hidden))
 
 
-def _scan_combine_backward(upstream, inputs, weights, kernels, bias, plan, activation, mask):
+def _loop_combine_backward(upstream, inputs, weights, kernels, bias, plan, strategy, activation, mask):
     """`matmul_combine`'s backward pass as one loop.
 
     Returns `(d_inputs, d_weights (R,), d_kernels (E, h, d), d_bias (E, d)
@@ -222,49 +256,43 @@ def _scan_combine_backward(upstream, inputs, weights, kernels, bias, plan, activ
     from the tokens) for everything, so nothing `(R, d)` is made and the
     only `(R, h)` tensors are the input gradients.
     """
-    first, end = _block_ranges(plan)
-    size = plan.block_size
     rows = ops.shape(inputs[0])[0]
     h, d = ops.shape(kernels)[1], ops.shape(kernels)[2]
     dtype = inputs[0].dtype
     has_bias = bias is not None
 
-    def expert_step(e, carry):
+    def expert_step(e, blocks_of_e, carry):
         kernel = _expert_slice(kernels, e)  # (h, d)
         bias_column = ops.expand_dims(_expert_slice(bias, e), -1) if has_bias else None
 
-        def block_step(n, carry):
+        def block_step(start, size, carry):
             d_inputs, d_weights, accs = carry
-            start = n * size
-            block_mask = None if mask is None else _block(mask, plan, start, False)
+            block_mask = None if mask is None else _block(mask, plan, start, size, False)
             hidden, backward = _hidden_and_vjp(
-                [_block(t, plan, start, False) for t in inputs], activation, block_mask
+                [_block(t, plan, start, size, False) for t in inputs], activation, block_mask
             )  # (B, h)
-            g = _block(upstream, plan, start, True)  # (B, d)
-            w = ops.slice(weights, (start,), (size,))  # (B,)
+            g = _block(upstream, plan, start, size, True)  # (B, d)
+            w = ops.expand_dims(ops.slice(weights, (start,), (size,)), -1)  # (B, 1)
             d_scaled = ops.matmul(g, ops.transpose(kernel))  # (B, h)
             d_w = ops.sum(hidden * d_scaled, axis=-1)
             if has_bias:
                 d_w = d_w + ops.matmul(g, bias_column)[:, 0]
-            d_block = _input_grads(d_scaled * ops.expand_dims(w, -1), backward, block_mask)
+            d_block = _input_grads(d_scaled * w, backward, block_mask)
             d_inputs = tuple(
-                ops.slice_update(t, (start, 0), db) for t, db in zip(d_inputs, d_block)
+                fast.write_slice(t, (start, 0), db) for t, db in zip(d_inputs, d_block)
             )
-            d_weights = ops.slice_update(d_weights, (start,), d_w)
-            scaled_t = ops.transpose(hidden * ops.expand_dims(w, -1))  # (h, B)
-            new_accs = (accs[0] + ops.matmul(scaled_t, g),)
+            d_weights = fast.write_slice(d_weights, (start,), d_w)
+            new_accs = (accs[0] + ops.matmul(ops.transpose(hidden * w), g),)
             if has_bias:
-                new_accs += (accs[1] + ops.matmul(ops.expand_dims(w, 0), g),)
+                new_accs += (accs[1] + ops.matmul(ops.transpose(w), g),)
             return d_inputs, d_weights, new_accs
 
         d_inputs, d_weights, d_kernels, d_bias = carry
         init = (ops.zeros((h, d), dtype),) + ((ops.zeros((1, d), dtype),) if has_bias else ())
-        d_inputs, d_weights, accs = ops.fori_loop(
-            ops.take(first, e), ops.take(end, e), block_step, (d_inputs, d_weights, init)
-        )
-        d_kernels = ops.slice_update(d_kernels, (e, 0, 0), ops.expand_dims(accs[0], 0))
+        d_inputs, d_weights, accs = blocks_of_e(block_step, (d_inputs, d_weights, init))
+        d_kernels = fast.write_slice(d_kernels, (e, 0, 0), ops.expand_dims(accs[0], 0))
         if has_bias:
-            d_bias = ops.slice_update(d_bias, (e, 0), accs[1])
+            d_bias = fast.write_slice(d_bias, (e, 0), accs[1])
         return d_inputs, d_weights, d_kernels, d_bias
 
     init = (
@@ -273,10 +301,12 @@ def _scan_combine_backward(upstream, inputs, weights, kernels, bias, plan, activ
         ops.zeros(ops.shape(kernels), dtype),
         ops.zeros((plan.num_experts, d) if has_bias else (1, 1), dtype),
     )
-    d_inputs, d_weights, d_kernels, d_bias = ops.fori_loop(
-        0, plan.num_experts, expert_step, init
-    )
+    d_inputs, d_weights, d_kernels, d_bias = _expert_loop(plan, strategy, expert_step, init)
     return list(d_inputs), d_weights, d_kernels, (d_bias if has_bias else None)
+
+
+# ----------------------------------------------------------------------------
+# Matmuls over rows, any strategy
 
 
 def _as_list(t):
@@ -322,8 +352,10 @@ def matmul_rows(
     sources = _as_list(sources)
     if len(sources) == 1:
         sources = sources * len(kernels)
-    if strategy == "scan":
-        outs = _scan_matmul(sources, kernels, plan, transpose, gathered, combined, scale, bias)
+    if strategy in LOOPS:
+        outs = _loop_matmul(
+            sources, kernels, plan, strategy, transpose, gathered, combined, scale, bias
+        )
         return outs[0] if combined or not many else outs
     distinct, index = _unique(sources)
     rows = [blocks.take_rows(t, plan) if gathered else t for t in distinct]
@@ -369,8 +401,8 @@ def outer_rows(
     """
     many = isinstance(rights, (list, tuple))
     rights = _as_list(rights)
-    if strategy == "scan":
-        outs = _scan_outer(left, rights, plan, left_gathered, right_gathered, left_scale)
+    if strategy in LOOPS:
+        outs = _loop_outer(left, rights, plan, strategy, left_gathered, right_gathered, left_scale)
         return outs if many else outs[0]
     left = blocks.take_rows(left, plan) if left_gathered else left
     if left_scale is not None:
@@ -387,6 +419,10 @@ def outer_rows(
         per_block = ops.einsum("nba,nbc->nac", x, g)  # (blocks, a, b)
         outs.append(ops.segment_sum(per_block, plan.block_experts, num_segments=plan.num_experts))
     return outs if many else outs[0]
+
+
+# ----------------------------------------------------------------------------
+# The two fused functions of a dropless expert FFN
 
 
 def gather_matmul(x, kernels, plan, strategy, portable=False):
@@ -414,17 +450,17 @@ def gather_matmul(x, kernels, plan, strategy, portable=False):
     def forward(x, *rest):
         kernels, tables = list(rest[:count]), rest[count:]
         p = blocks.with_tensors(plan, tables)
-        return tuple(matmul_rows(x, kernels, p, strategy, gathered=True))
+        return tuple(_as_list(matmul_rows(x, kernels, p, strategy, gathered=True)))
 
     def backward(upstream, x, *rest):
         kernels, tables = list(rest[:count]), rest[count:]
         p = blocks.with_tensors(plan, tables)
         upstream = list(upstream)
-        if strategy == "scan":
-            d_x, d_kernels = _scan_gather_backward(x, upstream, kernels, p)
-            return (d_x, *d_kernels)
-        d_kernels = outer_rows(x, upstream, p, strategy, left_gathered=True)
-        d_x = matmul_rows(upstream, kernels, p, strategy, transpose=True, combined=True)
+        if strategy in LOOPS:
+            d_x, d_kernels = _loop_gather_backward(x, upstream, kernels, p, strategy)
+        else:
+            d_kernels = outer_rows(x, upstream, p, strategy, left_gathered=True)
+            d_x = matmul_rows(upstream, kernels, p, strategy, transpose=True, combined=True)
         return (d_x, *d_kernels)
 
     fn = fast.custom_gradient(forward, backward, 1 + count, portable)
@@ -453,8 +489,8 @@ def matmul_combine(
         bias: `(E, d)` or `None`.
         plan: a `RowPlan`.
         strategy: one of `STRATEGIES`.
-        activation: `None` (`inputs` is the hidden rows) or a function of
-            the `inputs` giving the hidden rows, elementwise (its gradient
+        activation: `None` (`inputs` is the hidden rows) or an elementwise
+            function of the `inputs` giving the hidden rows (its gradient
             comes from `keras_moe.backend.vjp`).
         mask: `(R, h)` or `None`, multiplies the hidden rows (dropout).
         portable: bool, the backend's autodiff instead of the hand-written
@@ -486,17 +522,18 @@ def matmul_combine(
     def backward(upstream, *args):
         inputs, (weights, kernels) = list(args[:count]), args[count : count + 2]
         bias, mask, p = unpack(args[count + 2 :])
-        if strategy == "scan":
-            d_inputs, d_weights, d_kernels, d_bias = _scan_combine_backward(
-                upstream, inputs, weights, kernels, bias, p, activation, mask
+        if strategy in LOOPS:
+            d_inputs, d_weights, d_kernels, d_bias = _loop_combine_backward(
+                upstream, inputs, weights, kernels, bias, p, strategy, activation, mask
             )
         else:
             hidden, vjp_fn = _hidden_and_vjp(inputs, activation, mask)
-            scale = ops.expand_dims(weights, -1)
             d_scaled = matmul_rows(upstream, kernels, p, strategy, transpose=True, gathered=True)
-            d_kernels = outer_rows(hidden, upstream, p, strategy, right_gathered=True, left_scale=weights)
+            d_kernels = outer_rows(
+                hidden, upstream, p, strategy, right_gathered=True, left_scale=weights
+            )
             d_weights = ops.sum(hidden * d_scaled, axis=-1)  # (R,)
-            d_inputs = _input_grads(d_scaled * scale, vjp_fn, mask)
+            d_inputs = _input_grads(d_scaled * ops.expand_dims(weights, -1), vjp_fn, mask)
             d_bias = None
             if has_bias:
                 # The bias term w * bias[e] is a 1-wide projection of the weights.

@@ -1,0 +1,49 @@
+"""Writes into buffers that a loop fills block by block, in place where it matters.
+
+Keras' functional `ops.slice_update` / `ops.scatter_update` return a new
+tensor: XLA turns that into an in-place update of a loop carry, but Keras'
+torch backend clones the whole buffer on every call. The expert loops of
+dropless dispatch write once per block into `(R, h)` and `(T, d)` buffers
+that they made themselves, so on PyTorch they write in place. Elsewhere,
+and with `portable=True`, these are the `keras.ops` functions.
+"""
+
+import keras
+from keras import ops
+
+
+def eager_shapes():
+    """Whether tensor sizes can be read as Python ints here (PyTorch, eager TensorFlow)."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        return True
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    return False
+
+
+def write_slice(buffer, start_indices, update, portable=False):
+    """`buffer` with `update` written at `start_indices` (`ops.slice_update`).
+
+    On PyTorch `buffer` is modified in place and returned: pass only a
+    buffer nothing else reads.
+    """
+    if portable or keras.backend.backend() != "torch":
+        return ops.slice_update(buffer, start_indices, update)
+    index = tuple(slice(s, s + n) for s, n in zip(start_indices, update.shape))
+    buffer[index] = update
+    return buffer
+
+
+def add_rows(table, indices, rows, portable=False):
+    """`table` with `rows (n, b)` added to its rows `indices (n,)` (duplicates add up).
+
+    On PyTorch `table` is modified in place (`index_add_`) and returned.
+    """
+    if portable or keras.backend.backend() != "torch":
+        return ops.scatter_update(table, ops.expand_dims(indices, -1), rows, reduction="add")
+    import torch
+
+    return table.index_add_(0, indices.to(torch.int64), rows.to(table.dtype))
