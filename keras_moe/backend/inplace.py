@@ -32,6 +32,7 @@ def write_slice(buffer, start_indices, update, portable=False):
     """
     if portable or keras.backend.backend() != "torch":
         return ops.slice_update(buffer, start_indices, update)
+    update = ops.convert_to_tensor(update)
     index = tuple(slice(s, s + n) for s, n in zip(start_indices, update.shape))
     buffer[index] = update
     return buffer
@@ -46,4 +47,5 @@ def add_rows(table, indices, rows, portable=False):
         return ops.scatter_update(table, ops.expand_dims(indices, -1), rows, reduction="add")
     import torch
 
+    indices, rows = ops.convert_to_tensor(indices), ops.convert_to_tensor(rows)
     return table.index_add_(0, indices.to(torch.int64), rows.to(table.dtype))
