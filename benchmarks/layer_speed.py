@@ -149,6 +149,18 @@ def parse_args(argv=None):
     )
     p.add_argument("--backend", default=None, help="sets KERAS_BACKEND (before importing keras)")
     p.add_argument(
+        "--strategy",
+        default=None,
+        help="dropless strategy (sets KERAS_MOE_DROPLESS_STRATEGY; default: "
+        "keras_moe.dispatch.default_strategy() for the device)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="PyTorch / TensorFlow intra-op threads (default: the framework's)",
+    )
+    p.add_argument(
         "--results-dir",
         default=None,
         help=f"write <device>_<backend>[_<dtype>][_<tag>].md/.json here (default {RESULTS_DIR}; "
@@ -188,7 +200,25 @@ def parse_args(argv=None):
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.backend:
     os.environ["KERAS_BACKEND"] = ARGS.backend
+if ARGS is not None and ARGS.strategy:
+    os.environ["KERAS_MOE_DROPLESS_STRATEGY"] = ARGS.strategy
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+XLA_DUMP = None
+if (
+    ARGS is not None
+    and os.environ.get("KERAS_BACKEND") == "tensorflow"
+    and ARGS.memory == "auto"
+    and "--xla_dump_to" not in os.environ.get("XLA_FLAGS", "")
+):
+    # TensorFlow has no API for the memory of an XLA-compiled function; its
+    # buffer assignment (dumped at compile time) gives the same figure as
+    # JAX's memory_analysis(). Set before TensorFlow starts.
+    import tempfile
+
+    XLA_DUMP = tempfile.mkdtemp(prefix="layer_speed_xla_")
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={XLA_DUMP} --xla_dump_hlo_pass_re=^$"
+    ).strip()
 if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow" and "tensorflow" not in sys.modules:
     # keras-hub imports TensorFlow when installed (for its data pipelines
     # only); blocking it keeps seconds of import time and a TF runtime out of
@@ -614,7 +644,26 @@ def torch_saved_bytes(c):
     c.info["saved_for_backward_bytes"] = int(sum(storages.values()))
 
 
-def tf_memory(c):
+def xla_dump_temp_bytes(since):
+    """XLA's temp buffer of the newest compiled train step dumped after `since`, or None."""
+    if XLA_DUMP is None:
+        return None
+    files = [
+        os.path.join(XLA_DUMP, f)
+        for f in os.listdir(XLA_DUMP)
+        if "train_step" in f and f.endswith("buffer-assignment.txt")
+    ]
+    files = [f for f in files if os.path.getmtime(f) >= since]
+    if not files:
+        return None
+    with open(max(files, key=os.path.getmtime)) as f:
+        found = re.search(r"^allocation \d+: size (\d+), preallocated-temp", f.read(), re.M)
+    for f in os.listdir(XLA_DUMP):  # the dumps are large; keep none
+        os.remove(os.path.join(XLA_DUMP, f))
+    return int(found.group(1)) if found else None
+
+
+def tf_memory(c, compiled_since):
     import tensorflow as tf
 
     device = "GPU:0" if on_gpu() else "CPU:0"
@@ -622,11 +671,20 @@ def tf_memory(c):
     tf.config.experimental.reset_memory_stats(device)
     block(c.step())
     peak = tf.config.experimental.get_memory_info(device)["peak"]
-    c.info["memory"] = {
-        "method": f"tf.config.experimental.get_memory_info('{device}') peak during one step, "
-        "minus current before",
-        "temp_bytes": int(peak - base),
-    }
+    c.info["allocator_peak_bytes"] = int(peak - base)
+    temp = xla_dump_temp_bytes(compiled_since) if c.mode == "xla" else None
+    if temp is not None:
+        c.info["memory"] = {
+            "method": "XLA buffer assignment's temp allocation (tf.function jit_compile=True, "
+            "--xla_dump_to), as JAX's memory_analysis()",
+            "temp_bytes": temp,
+        }
+    else:
+        c.info["memory"] = {
+            "method": f"tf.config.experimental.get_memory_info('{device}') peak during one step, "
+            "minus current before",
+            "temp_bytes": int(peak - base),
+        }
 
 
 def shape_of(config):
@@ -652,6 +710,7 @@ def bench_config(name, args, layers):
     for c in candidates:
         if c.error:
             continue
+        compiled_since = time.time() - 1
         t = warm_up(c, args)
         if t is None:
             continue
@@ -662,7 +721,7 @@ def bench_config(name, args, layers):
             if c.mode == "eager":
                 torch_saved_bytes(c)
         elif memory and BACKEND == "tensorflow":
-            tf_memory(c)
+            tf_memory(c, compiled_since)
     live = [c for c in candidates if not c.error]
     for _ in range(args.repeats):  # interleaved: A B C A B C ...
         for c in live:
@@ -736,6 +795,8 @@ def rss_memory(args, rows):
     configs = args.configs[:1] if args.smoke else args.configs  # smoke: check the path only
     cmd += ["--configs", *configs, "--layers", *args.layers, "--dtype", args.dtype]
     cmd += ["--tf-mode", args.tf_mode, "--torch-mode", "eager", "--seed", str(args.seed)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     if args.smoke:
         cmd.append("--smoke")
     env = dict(os.environ, KERAS_BACKEND=BACKEND, MALLOC_MMAP_THRESHOLD_="65536")
@@ -777,6 +838,30 @@ def mib(n):
     return f"{n / 2**20:.1f}" if n is not None else "—"
 
 
+def same_mode_temp(rows, config, mode):
+    """The dense FFN's step memory in the same mode (memory compares like with like)."""
+    for r in rows:
+        if r["config"] == config and r["layer"] == "dense_ffn" and r["mode"] == mode:
+            return r.get("memory", {}).get("temp_bytes")
+    return None
+
+
+def memory_by_mode(rows):
+    """Markdown lines: every mode's step memory and its ratio to the dense FFN's."""
+    out = ["", "Step memory by mode (ratios to the dense FFN in the same mode):", ""]
+    out += ["| config | layer | mode | step temp MiB | vs dense | allocator peak MiB |"]
+    out += ["|---|---|---|---|---|---|"]
+    for r in rows:
+        temp = r.get("memory", {}).get("temp_bytes")
+        dense = same_mode_temp(rows, r["config"], r["mode"])
+        out.append(
+            f"| {r['config']} | {r['layer']} | {r['mode']} | {mib(temp)} | "
+            + (f"{temp / dense:.2f}" if temp and dense else "—")
+            + f" | {mib(r.get('allocator_peak_bytes'))} |"
+        )
+    return out
+
+
 def load_range(rows):
     loads = [v for r in rows for v in r.get("load_1min", []) if v is not None]
     return f"{min(loads):.1f}–{max(loads):.1f}" if loads else "—"
@@ -811,9 +896,7 @@ def markdown(results):
     out += [head, "|" + "---|" * (head.count("|") - 1)]
     configs = list(dict.fromkeys(r["config"] for r in rows))
     for cfg in configs:
-        dense_row = best.get((cfg, "dense_ffn"), {})
-        dense = dense_row.get("median_ms")
-        dense_temp = dense_row.get("memory", {}).get("temp_bytes")
+        dense = best.get((cfg, "dense_ffn"), {}).get("median_ms")
         hub = best.get((cfg, "keras_hub_mixtral"), {}).get("median_ms")
         for layer in LAYERS:
             row = best.get((cfg, layer))
@@ -842,6 +925,7 @@ def markdown(results):
                 continue
             med = row["median_ms"]
             temp = row.get("memory", {}).get("temp_bytes")
+            dense_temp = same_mode_temp(rows, cfg, row["mode"])
             state = row["param_bytes"] + row["optimizer_bytes"]
             dropped = row.get("dropped_fraction")
             loads = [v for v in row.get("load_1min", []) if v is not None]
@@ -880,12 +964,20 @@ def markdown(results):
                 tb = best.get((b, layer), {}).get("median_ms")
                 cells.append(f"{tb / ta:.2f}" if ta and tb else "—")
             out.append("| " + " | ".join(cells) + " |")
+    if dev["backend"] == "tensorflow" and len({r["mode"] for r in rows}) > 1:
+        out += memory_by_mode(rows)
     methods = sorted({r["memory"]["method"] for r in rows if "memory" in r})
     out += ["", "Memory (`step temp`): " + ("; ".join(methods) if methods else "not measured") + "."]
     if dev["backend"] == "jax":
         out.append(
             "JAX 'step temp' is XLA's temp_size_in_bytes (scratch beyond arguments/outputs, "
             "which hold params, optimizer state, input and input gradient)."
+        )
+    if dev["backend"] == "tensorflow":
+        out.append(
+            "TensorFlow with XLA: the allocator's peak also holds the new values of every updated "
+            "variable and optimizer slot (XLA writes them to fresh buffers), E/k times more for an "
+            "MoE; the XLA temp excludes them like JAX's. Without XLA: the allocator's peak."
         )
     if torch_col:
         out.append(
@@ -905,8 +997,22 @@ def result_paths(args, desc):
     return stem + ".md", stem + ".json"
 
 
+def set_threads(threads):
+    if not threads:
+        return
+    if BACKEND == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+
+
 def main(args):
     keras.config.set_dtype_policy(args.dtype)
+    set_threads(args.threads)
     if args.memory_child:
         memory_child(args)
         return
@@ -918,6 +1024,7 @@ def main(args):
         "warmup": args.warmup,
         "smoke": args.smoke,
         "argv": sys.argv[1:],
+        "threads": args.threads,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "load_before": load_average(),
         "rows": [],

@@ -1,5 +1,7 @@
 """Dropless dispatch: every routed assignment is computed exactly once."""
 
+import os
+
 import keras
 from keras import ops
 
@@ -11,7 +13,10 @@ from keras_moe.dispatch.grouped import STRATEGIES
 def default_strategy():
     """How dropless dispatch runs the experts on this backend and device.
 
-    See `keras_moe.dispatch.grouped` for what each strategy does.
+    See `keras_moe.dispatch.grouped` for what each strategy does. The
+    environment variable `KERAS_MOE_DROPLESS_STRATEGY` (one of
+    `STRATEGIES`) overrides the choice, e.g. to compare strategies in a
+    benchmark.
 
     - `"ranges"` on CPUs with dynamic shapes: PyTorch, TensorFlow graphs
       outside XLA (a Python loop over the experts' exact row ranges).
@@ -22,6 +27,13 @@ def default_strategy():
       `T = 4096`, `E = 8`, `k = 2`) it beat `jax.lax.ragged_dot` (1.7 vs
       3.4 ms per training step) and `torch._grouped_mm` (10.0 vs 13.7 ms).
     """
+    chosen = os.environ.get("KERAS_MOE_DROPLESS_STRATEGY")
+    if chosen:
+        if chosen not in STRATEGIES:
+            raise ValueError(
+                f"KERAS_MOE_DROPLESS_STRATEGY must be one of {STRATEGIES}. Received: {chosen!r}"
+            )
+        return chosen
     if fast.on_accelerator():
         return "batched"
     return "ranges" if fast.eager_shapes() or fast.has_grouped_matmul() else "scan"
