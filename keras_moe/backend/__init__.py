@@ -12,5 +12,6 @@ from keras_moe.backend.grouped_matmul import grouped_outer
 from keras_moe.backend.grouped_matmul import has_grouped_matmul
 from keras_moe.backend.grouped_matmul import on_accelerator
 from keras_moe.backend.inplace import add_rows
+from keras_moe.backend.inplace import after
 from keras_moe.backend.inplace import eager_shapes
 from keras_moe.backend.inplace import write_slice

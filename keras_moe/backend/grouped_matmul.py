@@ -87,7 +87,8 @@ def grouped_matmul(x, kernels, group_sizes):
     Args:
         x: `(N, d)` rows sorted by group.
         kernels: `(E, d, h)` one matrix per group.
-        group_sizes: `(E,)` int32 rows per group; may sum to less than `N`.
+        group_sizes: `(E,)` int32 rows per group, multiples of 8 (PyTorch's
+            alignment); may sum to less than `N`.
 
     Returns:
         `(N, h)` in the dtype of `x`.
@@ -117,8 +118,8 @@ def grouped_outer(left, right, group_sizes):
     Args:
         left: `(N, a)` rows sorted by group.
         right: `(N, b)` rows, same order.
-        group_sizes: `(E,)` int32 rows per group; rows after their sum are
-            ignored.
+        group_sizes: `(E,)` int32 rows per group, multiples of 8 (PyTorch's
+            alignment); rows after their sum are ignored.
 
     Returns:
         `(E, a, b)` in the dtype of `left`.
@@ -176,8 +177,9 @@ def _torch_grouped_outer(left, right, group_sizes):
     a, b = left.shape[1], right.shape[1]
     right = right.to(left.dtype)
     left, right = _torch_pad(left, 8, 8), _torch_pad(right, 8, 8)
-    offsets = _torch_offsets(group_sizes, left.shape[0])
-    # The groups split the inner (row) dimension: (a, N) @ (N, b) per group.
+    # The groups split the inner (row) dimension: (a, N) @ (N, b) per group;
+    # rows after the last group are left out.
+    offsets = torch.cumsum(group_sizes.to(torch.int64), 0).to(torch.int32)
     out = torch._grouped_mm(left.t().contiguous(), right.contiguous(), offs=offsets)
     return out[:, :a, :b]
 

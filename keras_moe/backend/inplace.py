@@ -49,3 +49,21 @@ def add_rows(table, indices, rows, portable=False):
 
     indices, rows = ops.convert_to_tensor(indices), ops.convert_to_tensor(rows)
     return table.index_add_(0, indices.to(torch.int64), rows.to(table.dtype))
+
+
+def after(value, dependencies):
+    """`value`, computed only after `dependencies` (a tensor or nested tuple) in a TF graph.
+
+    A TensorFlow graph runs independent ops in parallel: the experts of an
+    unrolled Python loop would all hold their transients at once. Ordering
+    each expert after the previous one's results bounds the memory to one
+    expert's. Eager backends and XLA run in order anyway: `value`.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return value
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        return value
+    with tf.control_dependencies(tf.nest.flatten(dependencies)):
+        return tf.identity(value)

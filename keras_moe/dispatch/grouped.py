@@ -87,10 +87,11 @@ def _expert_loop(plan, strategy, expert_step, carry):
     for e in range(plan.num_experts):
 
         def blocks_of_e(block_step, state, e=e):
-            return block_step(starts[e], sizes[e], state)
+            # One expert at a time (TF graphs would run them all at once).
+            return block_step(fast.after(starts[e], _latest(state)), sizes[e], state)
 
         carry = expert_step(e, blocks_of_e, carry)
-    return carry
+    return _finish(carry)
 
 
 def _expert_slice(t, e):
@@ -100,17 +101,67 @@ def _expert_slice(t, e):
     return ops.reshape(ops.slice(t, start, (1,) + tuple(shape[1:])), shape[1:])
 
 
+class _Pieces:
+    """A buffer written slice after slice in order, concatenated at the end.
+
+    In a TensorFlow graph every functional write copies the whole buffer;
+    the `"ranges"` loop writes each expert's rows once, in order, so its
+    buffers are lists of pieces there.
+    """
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype, self.parts = shape, dtype, []
+
+    def value(self):
+        used = sum(ops.shape(p)[0] for p in self.parts) if self.parts else 0
+        tail = ops.zeros((self.shape[0] - used,) + tuple(self.shape[1:]), self.dtype)
+        return ops.concatenate(self.parts + [tail], axis=0)
+
+
+def _buffer(shape, dtype, strategy):
+    """A zero buffer the loop writes into (pieces in TensorFlow graphs)."""
+    if strategy == "ranges" and not fast.eager_shapes():
+        return _Pieces(shape, dtype)
+    return ops.zeros(shape, dtype)
+
+
+def _write(buffer, start, value):
+    if isinstance(buffer, _Pieces):
+        buffer.parts.append(value)
+        return buffer
+    return fast.write_slice(buffer, start, value)
+
+
+def _finish(tree):
+    """The loop's results with every `_Pieces` concatenated."""
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_finish(t) for t in tree)
+    return tree.value() if isinstance(tree, _Pieces) else tree
+
+
+def _latest(tree):
+    """The tensors a later expert's work waits for: the last written piece of each buffer."""
+    if isinstance(tree, (tuple, list)):
+        return [t for item in tree for t in _latest(item)]
+    if isinstance(tree, _Pieces):
+        return tree.parts[-1:]
+    return [tree]
+
+
 def _block(source, plan, start, size, gathered, scale=None):
     """Rows `start .. start + size`: of `source` rows, or of tokens gathered into rows.
 
     Padding rows of gathered blocks are zeros (selected, not multiplied: the
-    token read in their place may hold anything).
+    token read in their place may hold anything). Blocks of size 1 (exact
+    row ranges) hold no padding rows.
     """
     if gathered:
         tokens = ops.slice(plan.row_tokens, (start,), (size,))
-        count = ops.shape(source)[0]
-        rows = ops.take(source, ops.minimum(tokens, count - 1), axis=0)
-        if plan.block_size > 1:  # blocks of size 1 hold no padding rows
+        if plan.block_size == 1:
+            rows = ops.take(source, tokens, axis=0)
+        else:
+            count = ops.shape(source)[0]
+            rows = ops.take(source, ops.minimum(tokens, count - 1), axis=0)
             rows = ops.where(ops.expand_dims(tokens < count, -1), rows, ops.zeros((), rows.dtype))
     else:
         rows = ops.slice(source, (start, 0), (size, ops.shape(source)[1]))
@@ -126,10 +177,11 @@ def _add_into_tokens(table, plan, start, size, rows):
     once; padding rows add an exact zero to the last token.
     """
     tokens = ops.slice(plan.row_tokens, (start,), (size,))
-    count = ops.shape(table)[0]
     if plan.block_size > 1:
+        count = ops.shape(table)[0]
         rows = ops.where(ops.expand_dims(tokens < count, -1), rows, ops.zeros((), rows.dtype))
-    return fast.add_rows(table, ops.minimum(tokens, count - 1), rows)
+        tokens = ops.minimum(tokens, count - 1)
+    return fast.add_rows(table, tokens, rows)
 
 
 def _unique(tensors):
@@ -162,7 +214,7 @@ def _loop_matmul(sources, kernels, plan, strategy, transpose, gathered, combined
                 ys[0] = ys[0] + ops.expand_dims(ops.slice(scale, (start,), (size,)), -1) * bias_row
             if combined:
                 return (_add_into_tokens(outs[0], plan, start, size, sum(ys[1:], ys[0])),)
-            return tuple(fast.write_slice(o, (start, 0), y) for o, y in zip(outs, ys))
+            return tuple(_write(o, (start, 0), y) for o, y in zip(outs, ys))
 
         return blocks_of_e(block_step, outs)
 
@@ -171,7 +223,7 @@ def _loop_matmul(sources, kernels, plan, strategy, transpose, gathered, combined
         return list(_expert_loop(plan, strategy, expert_step, init))
     # Rows of unused blocks keep their zeros.
     rows = ops.shape(plan.row_experts)[0]
-    init = tuple(ops.zeros((rows, width), dtype) for _ in kernels)
+    init = tuple(_buffer((rows, width), dtype, strategy) for _ in kernels)
     return list(_expert_loop(plan, strategy, expert_step, init))
 
 
@@ -189,10 +241,12 @@ def _loop_outer(left, rights, plan, strategy, left_gathered, right_gathered, lef
         init = tuple(ops.zeros((a, ops.shape(r)[1]), left.dtype) for r in rights)
         accs = blocks_of_e(block_step, init)
         return tuple(
-            fast.write_slice(o, (e, 0, 0), ops.expand_dims(acc, 0)) for o, acc in zip(outs, accs)
+            _write(o, (e, 0, 0), ops.expand_dims(acc, 0)) for o, acc in zip(outs, accs)
         )
 
-    init = tuple(ops.zeros((plan.num_experts, a, ops.shape(r)[1]), left.dtype) for r in rights)
+    init = tuple(
+        _buffer((plan.num_experts, a, ops.shape(r)[1]), left.dtype, strategy) for r in rights
+    )
     return list(_expert_loop(plan, strategy, expert_step, init))
 
 
@@ -220,12 +274,14 @@ def _loop_gather_backward(x, upstreams, kernels, plan, strategy):
         init = tuple(ops.zeros(ops.shape(k)[1:], x.dtype) for k in kernels)
         d_x, accs = blocks_of_e(block_step, (d_x, init))
         d_kernels = tuple(
-            fast.write_slice(dk, (e, 0, 0), ops.expand_dims(acc, 0))
-            for dk, acc in zip(d_kernels, accs)
+            _write(dk, (e, 0, 0), ops.expand_dims(acc, 0)) for dk, acc in zip(d_kernels, accs)
         )
         return d_x, d_kernels
 
-    init = (ops.zeros(ops.shape(x), x.dtype), tuple(ops.zeros(ops.shape(k), x.dtype) for k in kernels))
+    init = (
+        ops.zeros(ops.shape(x), x.dtype),
+        tuple(_buffer(ops.shape(k), x.dtype, strategy) for k in kernels),
+    )
     d_x, d_kernels = _expert_loop(plan, strategy, expert_step, init)
     return d_x, list(d_kernels)
 
@@ -279,9 +335,9 @@ def _loop_combine_backward(upstream, inputs, weights, kernels, bias, plan, strat
                 d_w = d_w + ops.matmul(g, bias_column)[:, 0]
             d_block = _input_grads(d_scaled * w, backward, block_mask)
             d_inputs = tuple(
-                fast.write_slice(t, (start, 0), db) for t, db in zip(d_inputs, d_block)
+                _write(t, (start, 0), db) for t, db in zip(d_inputs, d_block)
             )
-            d_weights = fast.write_slice(d_weights, (start,), d_w)
+            d_weights = _write(d_weights, (start,), d_w)
             new_accs = (accs[0] + ops.matmul(ops.transpose(hidden * w), g),)
             if has_bias:
                 new_accs += (accs[1] + ops.matmul(ops.transpose(w), g),)
@@ -290,16 +346,16 @@ def _loop_combine_backward(upstream, inputs, weights, kernels, bias, plan, strat
         d_inputs, d_weights, d_kernels, d_bias = carry
         init = (ops.zeros((h, d), dtype),) + ((ops.zeros((1, d), dtype),) if has_bias else ())
         d_inputs, d_weights, accs = blocks_of_e(block_step, (d_inputs, d_weights, init))
-        d_kernels = fast.write_slice(d_kernels, (e, 0, 0), ops.expand_dims(accs[0], 0))
+        d_kernels = _write(d_kernels, (e, 0, 0), ops.expand_dims(accs[0], 0))
         if has_bias:
-            d_bias = fast.write_slice(d_bias, (e, 0), accs[1])
+            d_bias = _write(d_bias, (e, 0), accs[1])
         return d_inputs, d_weights, d_kernels, d_bias
 
     init = (
-        tuple(ops.zeros((rows, h), dtype) for _ in inputs),
-        ops.zeros((rows,), dtype),
-        ops.zeros(ops.shape(kernels), dtype),
-        ops.zeros((plan.num_experts, d) if has_bias else (1, 1), dtype),
+        tuple(_buffer((rows, h), dtype, strategy) for _ in inputs),
+        _buffer((rows,), dtype, strategy),
+        _buffer(ops.shape(kernels), dtype, strategy),
+        _buffer((plan.num_experts, d), dtype, strategy) if has_bias else ops.zeros((1, 1), dtype),
     )
     d_inputs, d_weights, d_kernels, d_bias = _expert_loop(plan, strategy, expert_step, init)
     return list(d_inputs), d_weights, d_kernels, (d_bias if has_bias else None)

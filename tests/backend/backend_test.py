@@ -116,9 +116,10 @@ def test_in_place_writes_agree_with_portable():
 @pytest.mark.skipif(not fast.has_grouped_matmul(), reason="no grouped-matmul fast path here")
 def test_grouped_matmul_and_outer_match_per_group_loops():
     rng = np.random.default_rng(3)
-    sizes = np.array([3, 0, 5, 2], "int32")
-    x = rng.standard_normal((12, 4)).astype("float32")  # 2 padding rows at the end
-    g = rng.standard_normal((12, 6)).astype("float32")
+    # Multiples of 8 rows (torch._grouped_mm's alignment), an empty group, padding rows.
+    sizes = np.array([8, 0, 16, 8], "int32")
+    x = rng.standard_normal((40, 4)).astype("float32")
+    g = rng.standard_normal((40, 6)).astype("float32")
     kernels = rng.standard_normal((4, 4, 6)).astype("float32")
     starts = np.cumsum(sizes) - sizes
     y = _np(fast.grouped_matmul(x, kernels, sizes))
