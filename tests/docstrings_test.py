@@ -11,6 +11,8 @@ MODULES = [
     "keras_moe.layers.mmoe",
     "keras_moe.layers.ple",
     "keras_moe.routers.top_k_router",
+    "keras_moe.dispatch.blocks",
+    "keras_moe.dispatch.dropless",
     "keras_moe.experts.stacked_experts",
     "keras_moe.experts.feed_forward",
     "keras_moe.experts.initializers",

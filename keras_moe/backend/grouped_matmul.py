@@ -6,17 +6,18 @@ sorted so that the first `group_sizes[0]` rows belong to expert 0, the next
 after `sum(group_sizes)` are padding: their output is unspecified (finite),
 and callers discard it.
 
+`grouped_outer(x, dy, group_sizes)` is its kernel gradient. Dropless
+dispatch uses both for its `"grouped"` strategy (see
+`keras_moe.dispatch.grouped`).
+
 Fast paths, chosen by `has_grouped_matmul()`:
 - JAX on GPU/TPU: `jax.lax.ragged_dot` (on CPU XLA lowers it to a dense
   product over every group, E times the work, so it is not offered there;
-  on an H100 with jax 0.11 it was slower than the batched blocks layout, so
-  dropless dispatch only uses it when asked to).
+  on an H100 with jax 0.11 it was slower than the batched blocks layout).
 - PyTorch: `torch._grouped_mm` (with an explicit backward: its autograd
   formula rejects the expanded gradients Keras losses produce).
 - TensorFlow outside XLA: a split into per-expert row ranges (dynamic sizes)
   and one matmul per expert; exact work, no padding.
-Elsewhere (`has_grouped_matmul()` is False) the caller pads the rows into
-per-expert blocks instead (`keras_moe.dispatch.blocks`).
 """
 
 import functools

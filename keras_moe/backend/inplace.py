@@ -13,10 +13,16 @@ from keras import ops
 
 
 def eager_shapes():
-    """Whether tensor sizes can be read as Python ints here (PyTorch, eager TensorFlow)."""
+    """Whether tensor sizes can be read as Python ints here (PyTorch, eager TensorFlow).
+
+    Not under `torch.compile`: a size read on the host breaks its graph and
+    specializes it to one routing.
+    """
     backend = keras.backend.backend()
     if backend == "torch":
-        return True
+        import torch
+
+        return not torch.compiler.is_compiling()
     if backend == "tensorflow":
         import tensorflow as tf
 

@@ -118,6 +118,18 @@ def plan_rows(expert_indices, valid, num_experts, block_size):
 
     Returns:
         A `RowPlan`.
+
+    Examples:
+        >>> import numpy as np
+        >>> indices = np.array([[1, 0], [1, 2], [0, 1]], "int32")  # 3 tokens, k=2
+        >>> valid = np.array([[True, True], [True, True], [True, False]])
+        >>> plan = plan_rows(indices, valid, num_experts=3, block_size=2)
+        >>> np.asarray(plan.row_tokens).tolist()  # token 3 marks a padding row
+        [0, 2, 0, 1, 1, 3, 3, 3, 3, 3]
+        >>> np.asarray(plan.group_sizes).tolist()  # rows per expert, whole blocks
+        [2, 2, 2]
+        >>> np.asarray(plan.assignment_rows).tolist()  # row 10 (= R): none, invalid
+        [[2, 0], [3, 4], [1, 10]]
     """
     tokens, k = ops.shape(expert_indices)[0], ops.shape(expert_indices)[1]
     order, sorted_experts, counts = sort_by_expert(expert_indices, valid, num_experts)
@@ -207,6 +219,12 @@ def gather_rows(x, plan, portable=False):
 
     Returns:
         `(R, d)` rows; its gradient is `combine_rows` of theirs.
+
+    Examples:
+        >>> import numpy as np
+        >>> plan = plan_rows(np.array([[1], [0]], "int32"), np.ones((2, 1), bool), 2, 1)
+        >>> np.asarray(gather_rows(np.array([[1.0], [2.0]], "float32"), plan))[:, 0].tolist()
+        [2.0, 1.0, 0.0]
     """
 
     def forward(x, *tables):
@@ -232,6 +250,13 @@ def combine_rows(y, plan, portable=False):
 
     Returns:
         `(T, d)`; its gradient is `gather_rows` of theirs.
+
+    Examples:
+        >>> import numpy as np
+        >>> plan = plan_rows(np.array([[1], [0]], "int32"), np.ones((2, 1), bool), 2, 1)
+        >>> rows = np.array([[20.0], [10.0], [99.0]], "float32")  # the last: padding
+        >>> np.asarray(combine_rows(rows, plan))[:, 0].tolist()
+        [10.0, 20.0]
     """
 
     def forward(y, *tables):

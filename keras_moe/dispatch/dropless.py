@@ -20,6 +20,8 @@ def default_strategy():
 
     - `"ranges"` on CPUs with dynamic shapes: PyTorch, TensorFlow graphs
       outside XLA (a Python loop over the experts' exact row ranges).
+    - `"grouped"` under `torch.compile` (`torch._grouped_mm`: no sizes read
+      on the host).
     - `"scan"` on CPUs under XLA: JAX, TensorFlow with `jit_compile=True`
       (a compiled loop over fixed-size blocks of each expert's rows).
     - `"batched"` on GPUs and TPUs: one batched einsum over per-block copies
@@ -36,7 +38,11 @@ def default_strategy():
         return chosen
     if fast.on_accelerator():
         return "batched"
-    return "ranges" if fast.eager_shapes() or fast.has_grouped_matmul() else "scan"
+    if fast.eager_shapes():
+        return "ranges"
+    if keras.backend.backend() == "torch":  # under torch.compile
+        return "grouped"
+    return "ranges" if fast.has_grouped_matmul() else "scan"
 
 
 def describe_strategy(strategy):
@@ -76,6 +82,18 @@ def dispatch_dropless(
 
     Returns:
         `outputs (tokens, hidden)`.
+
+    Examples:
+        >>> import numpy as np
+        >>> from keras_moe.experts import StackedExperts
+        >>> experts = StackedExperts(num_experts=4, intermediate_dim=8, gated=True)
+        >>> experts.build((None, 6))
+        >>> x = np.random.default_rng(0).standard_normal((5, 6)).astype("float32")
+        >>> indices = np.array([[0, 1], [2, 3], [1, 0], [3, 2], [0, 2]], "int32")
+        >>> weights = np.full((5, 2), 0.5, "float32")
+        >>> valid = np.ones((5, 2), bool)
+        >>> tuple(dispatch_dropless(x, indices, weights, valid, experts).shape)
+        (5, 6)
     """
     x = ops.convert_to_tensor(x)
     strategy = strategy or default_strategy()
