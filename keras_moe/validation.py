@@ -110,3 +110,29 @@ def check_float_dtype(name, dtype):
     if standardized is None or not keras.backend.is_float_dtype(standardized):
         raise ValueError(f"`{name}` must be a floating dtype. Received: {name}={dtype!r}")
     return standardized
+
+
+class renamed_arguments:
+    """Reports errors of the checks inside under the caller's argument names.
+
+    A layer that forwards its argument `router_jitter` to a router's `jitter`
+    validates it once, in the router, and its users still read the name they
+    typed: `with renamed_arguments(jitter="router_jitter"): TopKRouter(...)`.
+    """
+
+    def __init__(self, **names):
+        self.names = names
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not ValueError:
+            return False
+        message = str(exc)
+        for inner, outer in self.names.items():
+            message = message.replace(f"`{inner}`", f"`{outer}`")
+            message = message.replace(f" {inner}=", f" {outer}=")
+        if message != str(exc):
+            raise ValueError(message) from None
+        return False

@@ -6,6 +6,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "keras_moe.layers.moe",
     "keras_moe.layers.sparse_moe",
     "keras_moe.layers.switch_ffn",
     "keras_moe.layers.mmoe",

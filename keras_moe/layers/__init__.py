@@ -1,5 +1,6 @@
 """Layers built from routers, dispatchers and experts."""
 
+from keras_moe.layers.moe import MoE
 from keras_moe.layers.sparse_moe import SparseMoE
 from keras_moe.layers.switch_ffn import SwitchFFN
 
