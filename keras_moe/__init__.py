@@ -1,6 +1,7 @@
 """keras-moe: Mixture-of-Experts layers for Keras 3 (JAX, TensorFlow, PyTorch)."""
 
 from keras_moe import dispatch
+from keras_moe import distribution
 from keras_moe import experts
 from keras_moe import layers
 from keras_moe import losses
@@ -10,6 +11,7 @@ from keras_moe.version import __version__
 
 __all__ = [
     "dispatch",
+    "distribution",
     "experts",
     "layers",
     "losses",

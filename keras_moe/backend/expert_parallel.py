@@ -1,0 +1,364 @@
+"""Dropless dispatch across devices: tokens go to their experts' devices (JAX).
+
+`dropless(...)` runs a dropless MoE step under `jax.shard_map` when an
+expert-parallel distribution is active. Each device:
+
+1. sorts its own assignments by expert (`sort_by_expert`); the rows for the
+   experts of device `j` are then contiguous, in expert order;
+2. sends each device the rows of its experts (an all-to-all over the
+   expert axis);
+3. runs its local experts on what it received, in per-expert blocks
+   (`keras_moe.dispatch.blocks`), skipping the blocks no row reached;
+4. sends the results back (the reverse all-to-all) and combines them.
+
+No row is ever dropped, so the receive buffers are sized for the worst case:
+every device sending all its rows to one device. With `T` local tokens,
+`k` choices, `N = T * k` rows of width `d` and `n` devices on the expert axis,
+per device and MoE layer:
+
+- `"all_to_all"` (fixed size; every platform, XLA:CPU included): a send
+  buffer `(n, N, d)` (the rows for device `j` in slot `j`) and a receive
+  buffer `(n, N, d)`, i.e. `2 n N d` values each way, and as many bytes on
+  the wire whatever the routing;
+- `"ragged_all_to_all"` (`jax.lax.ragged_all_to_all`; GPU/TPU, XLA:CPU in
+  jax 0.10 answers UNIMPLEMENTED): the send side is the sorted rows
+  themselves (`N d`), the receive buffer `(n N, d)`; only the routed rows
+  travel.
+
+Both also hold the expert blocks of the received rows, `n N + E_local B`
+rows, of which only the filled blocks are computed. Where no expert-parallel
+distribution is active, or on another backend, `dropless` returns `None`
+and the caller runs the single-device `dispatch_dropless`; the distributed
+tests check that both give the same outputs and gradients.
+"""
+
+import keras
+from keras import ops
+
+from keras_moe.backend.grouped_matmul import keep_only_matmuls
+
+
+def _jax():
+    import jax
+
+    return jax
+
+
+def constrain(tensor, axes, device_mesh):
+    """`keras.distribution.distribute_tensor` with a layout that may split
+    one dimension over several mesh axes (a tuple of names), which Keras'
+    `TensorLayout` does not accept: the JAX sharding is passed directly."""
+    jax = _jax()
+    spec = jax.sharding.PartitionSpec(*axes)
+    sharding = jax.sharding.NamedSharding(device_mesh.backend_mesh, spec)
+    return keras.distribution.distribute_tensor(tensor, sharding)
+
+
+def ragged_supported():
+    """Whether XLA implements `ragged_all_to_all` on the default platform."""
+    jax = _jax()
+    return hasattr(jax.lax, "ragged_all_to_all") and jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
+
+
+def choose_exchange(requested):
+    """The exchange to use: the requested one, or the best the platform has."""
+    if requested is not None:
+        return requested
+    return "ragged_all_to_all" if ragged_supported() else "all_to_all"
+
+
+def _exclusive_cumsum(values, axis=0):
+    return ops.cumsum(values, axis=axis) - values
+
+
+# The collective used by the ragged exchange; a module attribute so that the
+# tests can check the offsets on XLA:CPU with an emulation built from
+# `all_gather` (see tests/distribution).
+def _ragged_all_to_all(*args, **kwargs):
+    return _jax().lax.ragged_all_to_all(*args, **kwargs)
+
+
+class _Exchange:
+    """Moves rows sorted by destination device to their devices and back.
+
+    `send_sizes[j]` rows start at `send_starts[j]` of the sorted rows for
+    device `j`; `counts (n, n)[s, j]` is what device `s` sends device `j`.
+    """
+
+    def __init__(self, kind, axis, num_devices, send_starts, send_sizes, counts):
+        jax = _jax()
+        self.kind, self.axis, self.n = kind, axis, num_devices
+        self.send_starts, self.send_sizes = send_starts, send_sizes
+        me = jax.lax.axis_index(axis)
+        self.recv_sizes = ops.take(counts, me, axis=1)  # (n,) from each source
+        # Where each source's rows land on each destination, and where the
+        # rows a destination returns land on their source.
+        self.output_offsets = ops.take(_exclusive_cumsum(counts, axis=0), me, axis=0)
+        self.return_offsets = ops.take(_exclusive_cumsum(counts, axis=1), me, axis=1)
+
+    def receive_starts(self, rows):
+        """`(n,)` start of each source's rows in the receive buffer."""
+        if self.kind == "all_to_all":
+            return ops.arange(self.n, dtype="int32") * rows
+        return ops.cast(_exclusive_cumsum(self.recv_sizes), "int32")
+
+    def forward(self, x_sorted):
+        """`(N, d)` sorted rows -> `(n * N, d)` received rows."""
+        jax = _jax()
+        rows, hidden = x_sorted.shape
+        if self.kind == "ragged_all_to_all":
+            output = ops.zeros((self.n * rows, hidden), x_sorted.dtype)
+            return _ragged_all_to_all(
+                x_sorted, output, self.send_starts, self.send_sizes, self.output_offsets,
+                self.recv_sizes, axis_name=self.axis,
+            )
+        slot = ops.arange(rows, dtype="int32")
+        source = ops.expand_dims(self.send_starts, 1) + slot  # (n, N)
+        filled = slot < ops.expand_dims(self.send_sizes, 1)
+        table = ops.concatenate([ops.zeros((1, hidden), x_sorted.dtype), x_sorted], axis=0)
+        send = ops.take(table, ops.where(filled, source + 1, 0), axis=0)  # (n, N, d)
+        received = jax.lax.all_to_all(send, self.axis, 0, 0, tiled=True)  # (n, N, d)
+        return ops.reshape(received, (self.n * rows, hidden))
+
+    def backward(self, y_received, row_devices):
+        """`(n * N, d)` results in receive order -> `(N, d)` in sorted order."""
+        jax = _jax()
+        rows = y_received.shape[0] // self.n
+        hidden = y_received.shape[1]
+        if self.kind == "ragged_all_to_all":
+            output = ops.zeros((rows, hidden), y_received.dtype)
+            return _ragged_all_to_all(
+                y_received, output, self.receive_starts(rows), self.recv_sizes,
+                self.return_offsets, self.send_sizes, axis_name=self.axis,
+            )
+        back = jax.lax.all_to_all(
+            ops.reshape(y_received, (self.n, rows, hidden)), self.axis, 0, 0, tiled=True
+        )  # back[j, i]: the result of the i-th row sent to device j
+        device = ops.minimum(row_devices, self.n - 1)
+        offset = ops.arange(rows, dtype="int32") - ops.take(self.send_starts, device)
+        index = ops.where(row_devices < self.n, device * rows + offset + 1, 0)
+        table = ops.concatenate(
+            [ops.zeros((1, hidden), back.dtype), ops.reshape(back, (-1, hidden))], axis=0
+        )
+        return ops.take(table, index, axis=0)
+
+
+def _vary(tree, axes):
+    """Marks arrays as varying over mesh `axes` (`jax.lax.pcast`).
+
+    Inside `shard_map` JAX would do it where an invariant value (a kernel
+    replicated over the batch axis) meets a varying one, and the transpose
+    of that cast is a `psum`: inside the loop's branch below it would run on
+    the devices that take the branch only, and the others would never join
+    it. Cast once, before the loop, and the sum happens once, outside.
+    """
+    jax = _jax()
+
+    def cast(x):
+        missing = tuple(axis for axis in axes if axis not in jax.typeof(x).mat.varying)
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree)
+
+
+def _local_experts(experts, params, model_axis, seed, training):
+    """`run(x_blocks, block_experts, num_filled)`: the local experts on blocks.
+
+    The FFN formula is `feed_forward`'s; the kernels are this device's
+    shards, `params["up_kernel"]`, ... Blocks past `num_filled` hold
+    no row and are skipped (a real branch inside the loop).
+    """
+    from keras_moe.experts.feed_forward import feed_forward
+
+    jax = _jax()
+    rate = experts.dropout if training else 0.0
+    model_index = None if model_axis is None else jax.lax.axis_index(model_axis)
+
+    def block(x, expert, key):
+        def project(t, name):
+            kernel, bias = params[f"{name}_kernel"], params.get(f"{name}_bias")
+            if name == "down" and rate > 0:
+                keep = jax.random.uniform(key, t.shape) >= rate
+                t = t * ops.cast(keep, t.dtype) / (1.0 - rate)
+            y = ops.matmul(t, ops.take(kernel, expert, axis=0))
+            if bias is None:
+                return y
+            bias = ops.take(bias, expert, axis=0)
+            if name == "down" and model_index is not None:
+                # Width-split experts sum partial outputs over the model
+                # axis afterwards; the bias must enter that sum once.
+                bias = bias * ops.cast(model_index == 0, bias.dtype)
+            return y + bias
+
+        return feed_forward(x, project, experts.activation, experts.gated)
+
+    block = keep_only_matmuls(block)
+
+    def run(x_blocks, block_experts, num_filled):
+        count = x_blocks.shape[0]
+        keys = jax.random.split(seed, count)
+
+        def step(inputs):
+            x, expert, index, key = inputs
+            return jax.lax.cond(
+                index < num_filled,
+                lambda x: block(x, expert, key),
+                lambda x: ops.zeros_like(x),
+                x,
+            )
+
+        indices = ops.arange(count, dtype="int32")
+        return jax.lax.map(step, (x_blocks, block_experts, indices, keys))
+
+    return run
+
+
+def _param_specs(P, expert_axis, model_axis):
+    return {
+        "up": (P(expert_axis, None, model_axis), P(expert_axis, model_axis)),
+        "gate": (P(expert_axis, None, model_axis), P(expert_axis, model_axis)),
+        "down": (P(expert_axis, model_axis, None), P(expert_axis, None)),
+    }
+
+
+def dropless(x, expert_indices, expert_weights, valid, experts, training=None):
+    """Dropless dispatch with experts split over devices, or `None`.
+
+    Args:
+        x: `(tokens, hidden)`.
+        expert_indices: `(tokens, k)` int32.
+        expert_weights: `(tokens, k)` combine weights.
+        valid: `(tokens, k)` bool.
+        experts: the layer's experts.
+        training: bool.
+
+    Returns:
+        `(tokens, hidden)` outputs, or `None` where this path does not apply
+        (no expert-parallel distribution, not JAX, experts that are not a
+        `StackedExperts`, or a mesh that does not divide them): the caller
+        then runs `keras_moe.dispatch.dispatch_dropless`.
+    """
+    # Imported here: dispatch and experts import this package.
+    from keras_moe.dispatch import blocks
+    from keras_moe.dispatch.dropless import sort_by_expert
+    from keras_moe.distribution import sharding as plan
+    from keras_moe.experts.stacked_experts import StackedExperts
+
+    sharding = plan.active()
+    if sharding is None or not isinstance(experts, StackedExperts):
+        return None
+    num_experts = experts.num_experts
+    n = sharding.expert_shards
+    if num_experts % n or (
+        sharding.model_axis is not None
+        and experts.intermediate_dim % sharding.axis_size(sharding.model_axis)
+    ):
+        return None
+    jax = _jax()
+    P = jax.sharding.PartitionSpec
+    exchange = choose_exchange(sharding.exchange)
+    expert_axis, model_axis = sharding.expert_axis, sharding.model_axis
+    local_experts = num_experts // n
+
+    x = ops.convert_to_tensor(x)
+    tokens, hidden = x.shape
+    k = expert_indices.shape[1]
+    # Every device takes the same number of tokens: pad with invalid rows.
+    pad = (-tokens) % sharding.token_shards
+    if pad:
+        x = ops.pad(x, ((0, pad), (0, 0)))
+        expert_indices = ops.pad(expert_indices, ((0, pad), (0, 0)))
+        expert_weights = ops.pad(expert_weights, ((0, pad), (0, 0)))
+        valid = ops.pad(valid, ((0, pad), (0, 0)))
+
+    # This device's shards of the expert variables, by variable name.
+    specs = _param_specs(P, expert_axis, model_axis)
+    params, param_specs = {}, {}
+    for name in ("up", "gate", "down"):
+        for part, spec in zip(("kernel", "bias"), specs[name]):
+            variable = getattr(experts, f"{name}_{part}", None)
+            if variable is not None:
+                params[f"{name}_{part}"] = ops.cast(variable, x.dtype)
+                param_specs[f"{name}_{part}"] = spec
+    rate = experts.dropout if training else 0.0
+    seed = experts.seed_generator.next() if rate > 0 else ops.zeros((2,), "uint32")
+
+    def body(x, expert_indices, expert_weights, valid, params, seed):
+        rows = x.shape[0] * k
+        order, row_experts, group_sizes = sort_by_expert(expert_indices, valid, num_experts)
+        x_sorted = ops.take(x, order // k, axis=0)  # (N, d), by expert
+        per_device = ops.reshape(group_sizes, (n, local_experts))  # (n, E_local)
+        send_sizes = ops.sum(per_device, axis=1)  # (n,)
+        send_starts = _exclusive_cumsum(send_sizes)
+        # Everyone's counts per expert: (n sources, E).
+        counts = jax.lax.all_gather(group_sizes, expert_axis)
+        me = jax.lax.axis_index(expert_axis)
+        received_counts = jax.lax.dynamic_slice_in_dim(
+            counts, me * local_experts, local_experts, axis=1
+        )  # (n sources, E_local)
+        device_counts = ops.sum(ops.reshape(counts, (n, n, local_experts)), axis=2)  # (n, n)
+        exchange_ = _Exchange(exchange, expert_axis, n, send_starts, send_sizes, device_counts)
+
+        received = exchange_.forward(x_sorted)  # (n * N, d)
+        # Each received row's local expert, from the counts: rows of source
+        # s start at starts[s] and come sorted by expert.
+        starts = exchange_.receive_starts(rows)
+        position = ops.arange(n * rows, dtype="int32")
+        source = ops.searchsorted(starts, position, side="right") - 1  # (n N,)
+        offset = position - ops.take(starts, source)
+        ends = ops.take(ops.cumsum(received_counts, axis=1), source, axis=0)  # (n N, E_local)
+        is_row = offset < ops.take(exchange_.recv_sizes, source)
+        local = ops.sum(ops.cast(ends <= ops.expand_dims(offset, 1), "int32"), axis=1)
+        labels = ops.where(is_row, local, local_experts)
+
+        order2, row_experts2, group_sizes2 = sort_by_expert(
+            ops.expand_dims(labels, 1), ops.expand_dims(is_row, 1), local_experts
+        )
+        by_expert = ops.take(received, order2, axis=0)
+        block_size = blocks.block_size_for(rows, local_experts)
+        x_blocks, block_experts, block_sizes, destinations = blocks.to_blocks(
+            by_expert, row_experts2, group_sizes2, local_experts, block_size
+        )
+        num_filled = ops.sum(block_sizes) // block_size
+        device_seed = jax.random.fold_in(seed, jax.lax.axis_index(sharding.token_axes))
+        mesh_axes = tuple(sharding.device_mesh.axis_names)
+        params, x_blocks, device_seed = _vary((params, x_blocks, device_seed), mesh_axes)
+        run = _local_experts(experts, params, model_axis, device_seed, training)
+        y_blocks = run(x_blocks, block_experts, num_filled)
+        y_received = ops.take(blocks.from_blocks(y_blocks, destinations), ops.argsort(order2), axis=0)
+        if model_axis is not None:
+            y_received = jax.lax.psum(y_received, model_axis)
+
+        y_sorted = exchange_.backward(y_received, row_experts // local_experts)  # (N, d)
+        y = ops.take(y_sorted, ops.argsort(order), axis=0)
+        y = ops.reshape(y, (-1, k, hidden))
+        y = ops.where(ops.expand_dims(valid, -1), y, ops.zeros((), y.dtype))
+        return ops.einsum("tkd,tk->td", y, ops.cast(expert_weights, y.dtype))
+
+    tok = P(sharding.token_axes, None)
+    run = jax.shard_map(
+        body,
+        mesh=sharding.device_mesh.backend_mesh,
+        in_specs=(tok, tok, tok, tok, param_specs, P()),
+        out_specs=tok,
+    )
+    outputs = run(x, expert_indices, expert_weights, valid, params, seed)
+    return outputs[:tokens] if pad else outputs
+
+
+def per_group(fn, sharding, num_groups):
+    """`fn` on group-major arrays, run by each device on its own groups.
+
+    `fn` takes and returns arrays whose leading axis is the routing group
+    (capacity slots, gathers into and out of the buffers). Under
+    `jax.shard_map` its flattening tricks (one sort or gather over all
+    groups) stay local instead of being partitioned as global operations.
+    """
+    jax = _jax()
+    P = jax.sharding.PartitionSpec
+    if num_groups % sharding.token_shards:
+        return fn
+    spec = P(sharding.token_axes)
+    return jax.shard_map(
+        fn, mesh=sharding.device_mesh.backend_mesh, in_specs=spec, out_specs=spec
+    )
