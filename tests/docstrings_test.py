@@ -16,6 +16,7 @@ MODULES = [
     "keras_moe.experts.feed_forward",
     "keras_moe.experts.initializers",
     "keras_moe.losses.router_losses",
+    "keras_moe.distribution.layouts",
 ]
 
 

@@ -25,8 +25,10 @@ per device and MoE layer:
   themselves (`N d`), the receive buffer `(n N, d)`; only the routed rows
   travel.
 
-Both also hold the expert blocks of the received rows, `n N + E_local B`
-rows, of which only the filled blocks are computed. Where no expert-parallel
+Both also hold the received rows in per-expert blocks (`n N + E_local B`
+rows). Only the filled blocks are computed, forward and backward; the
+backward pass recomputes each filled block instead of keeping activations
+of the worst-case size. Where no expert-parallel
 distribution is active, or on another backend, `dropless` returns `None`
 and the caller runs the single-device `dispatch_dropless`; the distributed
 tests check that both give the same outputs and gradients.
@@ -35,7 +37,6 @@ tests check that both give the same outputs and gradients.
 import keras
 from keras import ops
 
-from keras_moe.backend.grouped_matmul import keep_only_matmuls
 
 
 def _jax():
@@ -148,9 +149,10 @@ def _vary(tree, axes):
 
     Inside `shard_map` JAX would do it where an invariant value (a kernel
     replicated over the batch axis) meets a varying one, and the transpose
-    of that cast is a `psum`: inside the loop's branch below it would run on
-    the devices that take the branch only, and the others would never join
-    it. Cast once, before the loop, and the sum happens once, outside.
+    of that cast is a `psum`: inside the expert loop, whose trip count
+    differs between devices, some devices would wait in it for others that
+    never come. Cast once, before the loop, and the sum happens once,
+    outside.
     """
     jax = _jax()
 
@@ -161,56 +163,81 @@ def _vary(tree, axes):
     return jax.tree.map(cast, tree)
 
 
-def _local_experts(experts, params, model_axis, seed, training):
-    """`run(x_blocks, block_experts, num_filled)`: the local experts on blocks.
+def _expert_block(experts, training):
+    """`block(p, x, key)`: one expert's FFN on a block of rows `(B, d)`.
 
-    The FFN formula is `feed_forward`'s; the kernels are this device's
-    shards, `params["up_kernel"]`, ... Blocks past `num_filled` hold
-    no row and are skipped (a real branch inside the loop).
+    `p` holds that expert's slices (`p["up_kernel"] (d, h)`, ...); the
+    formula is `feed_forward`'s, with the experts' activation, gating and
+    dropout (on the hidden activations, in training).
     """
     from keras_moe.experts.feed_forward import feed_forward
 
     jax = _jax()
     rate = experts.dropout if training else 0.0
-    model_index = None if model_axis is None else jax.lax.axis_index(model_axis)
 
-    def block(x, expert, key):
+    def block(p, x, key):
         def project(t, name):
-            kernel, bias = params[f"{name}_kernel"], params.get(f"{name}_bias")
             if name == "down" and rate > 0:
                 keep = jax.random.uniform(key, t.shape) >= rate
                 t = t * ops.cast(keep, t.dtype) / (1.0 - rate)
-            y = ops.matmul(t, ops.take(kernel, expert, axis=0))
-            if bias is None:
-                return y
-            bias = ops.take(bias, expert, axis=0)
-            if name == "down" and model_index is not None:
-                # Width-split experts sum partial outputs over the model
-                # axis afterwards; the bias must enter that sum once.
-                bias = bias * ops.cast(model_index == 0, bias.dtype)
-            return y + bias
+            y = ops.matmul(t, p[f"{name}_kernel"])
+            bias = p.get(f"{name}_bias")
+            return y if bias is None else y + bias
 
         return feed_forward(x, project, experts.activation, experts.gated)
 
-    block = keep_only_matmuls(block)
+    return block
 
-    def run(x_blocks, block_experts, num_filled):
-        count = x_blocks.shape[0]
-        keys = jax.random.split(seed, count)
 
-        def step(inputs):
-            x, expert, index, key = inputs
-            return jax.lax.cond(
-                index < num_filled,
-                lambda x: block(x, expert, key),
-                lambda x: ops.zeros_like(x),
-                x,
+def _run_filled_blocks(block, params, x_blocks, block_experts, num_filled, keys):
+    """`block` on the first `num_filled` blocks; the others give zeros.
+
+    The blocks are sized for the worst case, but only the filled ones are
+    computed, forward and backward: a loop with a data-dependent trip count
+    (which JAX cannot differentiate by itself) under a custom VJP whose
+    backward loop recomputes each filled block's forward and takes its
+    vector-Jacobian product. So nothing of the worst-case size is stored for
+    the backward pass but the blocks' inputs.
+    """
+    jax = _jax()
+
+    def expert_params(params, expert):
+        return {name: ops.take(value, expert, axis=0) for name, value in params.items()}
+
+    def forward(params, x_blocks, block_experts, num_filled, keys):
+        def body(i, y):
+            p = expert_params(params, block_experts[i])
+            return y.at[i].set(block(p, x_blocks[i], keys[i]))
+
+        return jax.lax.fori_loop(0, num_filled, body, ops.zeros_like(x_blocks))
+
+    def backward(residuals, dy):
+        params, x_blocks, block_experts, num_filled, keys = residuals
+
+        def body(i, carry):
+            dparams, dx = carry
+            expert = block_experts[i]
+            _, vjp = jax.vjp(
+                lambda p, x: block(p, x, keys[i]), expert_params(params, expert), x_blocks[i]
             )
+            dp, dxi = vjp(dy[i])
+            dparams = {
+                name: dparams[name].at[expert].add(ops.cast(dp[name], "float32")) for name in dparams
+            }
+            return dparams, dx.at[i].set(dxi)
 
-        indices = ops.arange(count, dtype="int32")
-        return jax.lax.map(step, (x_blocks, block_experts, indices, keys))
+        # Float32 sums: a bfloat16 kernel gradient adds up many blocks.
+        zeros = {name: jax.numpy.zeros_like(value, dtype="float32") for name, value in params.items()}
+        dparams, dx = jax.lax.fori_loop(0, num_filled, body, (zeros, ops.zeros_like(x_blocks)))
+        dparams = {name: ops.cast(value, params[name].dtype) for name, value in dparams.items()}
+        return dparams, dx, None, None, None
 
-    return run
+    run = jax.custom_vjp(forward)
+    run.defvjp(
+        lambda *args: (forward(*args), args),
+        backward,
+    )
+    return run(params, x_blocks, block_experts, num_filled, keys)
 
 
 def _param_specs(P, expert_axis, model_axis):
@@ -320,11 +347,19 @@ def dropless(x, expert_indices, expert_weights, valid, experts, training=None):
             by_expert, row_experts2, group_sizes2, local_experts, block_size
         )
         num_filled = ops.sum(block_sizes) // block_size
-        device_seed = jax.random.fold_in(seed, jax.lax.axis_index(sharding.token_axes))
+        keys = jax.random.split(
+            jax.random.fold_in(seed, jax.lax.axis_index(sharding.token_axes)), x_blocks.shape[0]
+        )
+        if model_axis is not None and "down_bias" in params:
+            # Width-split experts sum partial outputs over the model axis
+            # afterwards; the down bias must enter that sum once.
+            first = ops.cast(jax.lax.axis_index(model_axis) == 0, params["down_bias"].dtype)
+            params = {**params, "down_bias": params["down_bias"] * first}
         mesh_axes = tuple(sharding.device_mesh.axis_names)
-        params, x_blocks, device_seed = _vary((params, x_blocks, device_seed), mesh_axes)
-        run = _local_experts(experts, params, model_axis, device_seed, training)
-        y_blocks = run(x_blocks, block_experts, num_filled)
+        params, x_blocks, keys = _vary((params, x_blocks, keys), mesh_axes)
+        y_blocks = _run_filled_blocks(
+            _expert_block(experts, training), params, x_blocks, block_experts, num_filled, keys
+        )
         y_received = ops.take(blocks.from_blocks(y_blocks, destinations), ops.argsort(order2), axis=0)
         if model_axis is not None:
             y_received = jax.lax.psum(y_received, model_axis)

@@ -9,8 +9,8 @@
   expert weights.
 - `dtensor_layouts(model, mesh)`: the same plan as TensorFlow DTensor
   layouts; `dtensor_variables` places a built model's variables with them.
-- `shard_groups` / `shard_experts`: the layout constraints the layers put
-  on their capacity buffers (no-ops without an expert-parallel
+- `shard_groups` / `shard_experts` / `per_group`: what the layers do with
+  their capacity buffers under it (no-ops without an expert-parallel
   distribution), for custom layers.
 """
 
@@ -24,6 +24,7 @@ from keras_moe.distribution.layouts import expert_parallel
 from keras_moe.distribution.layouts import layout_map
 from keras_moe.distribution.sharding import ExpertSharding
 from keras_moe.distribution.sharding import active
+from keras_moe.distribution.sharding import per_group
 from keras_moe.distribution.sharding import shard_experts
 from keras_moe.distribution.sharding import shard_groups
 
@@ -38,6 +39,7 @@ __all__ = [
     "dtensor_variables",
     "expert_parallel",
     "layout_map",
+    "per_group",
     "shard_experts",
     "shard_groups",
 ]
