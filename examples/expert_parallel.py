@@ -199,7 +199,9 @@ def main_jax(args):
     else:
         config = dict(vocab=256, length=64, hidden=128, width=256, experts=8, batch=32, group_size=64)
         meshes = [None, (count,), (2, count // 2), (count // 2, 2)]
-        modes, steps = ["dropless", "capacity"], args.steps
+        if args.meshes:
+            meshes = [None if m == "1" else tuple(int(n) for n in m.split("x")) for m in args.meshes]
+        modes, steps = args.modes, args.steps
     rows = []
     for mode in modes:
         for shape in meshes:
@@ -268,6 +270,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, one mesh (seconds)")
     parser.add_argument("--steps", type=int, default=12, help="training steps per mesh (full run)")
+    parser.add_argument(
+        "--meshes", nargs="*", help="mesh shapes of the full run, e.g. 1 8 2x4 (1: one device)"
+    )
+    parser.add_argument(
+        "--modes", nargs="*", default=["dropless", "capacity"], choices=["dropless", "capacity"]
+    )
     args = parser.parse_args()
     backend = keras.backend.backend()
     if backend == "jax":

@@ -38,11 +38,14 @@ def moe_model():
 
 
 def test_every_stacked_expert_variable_is_sharded_and_nothing_else():
+    # Another StackedExperts first: the model's gets a numbered automatic
+    # name, `stacked_experts_<n>`.
+    keras_moe.experts.StackedExperts(2, 4)
     found = layouts_of(moe_model())
-    expert_paths = [p for p in found if re.search(r"experts/(up|gate|down)_(kernel|bias)$", p)]
+    expert_paths = [p for p in found if re.search(r"experts(_\d+)?/(up|gate|down)_(kernel|bias)$", p)]
     # SparseMoE: 3 kernels + 3 biases, SwitchFFN: 2 + 2, MoE(StackedExperts): 2.
     assert len(expert_paths) == 12
-    assert any("stacked_experts/" in p for p in expert_paths)
+    assert any(re.search(r"/stacked_experts_\d+/", p) for p in expert_paths)
     for path, axes in found.items():
         if path in expert_paths:
             assert axes is not None and axes[0] == "expert", path
