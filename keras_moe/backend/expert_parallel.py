@@ -28,15 +28,16 @@ per device and MoE layer:
 Both also hold the received rows in per-expert blocks (`n N + E_local B`
 rows). Only the filled blocks are computed, forward and backward; the
 backward pass recomputes each filled block instead of keeping activations
-of the worst-case size. Where no expert-parallel
-distribution is active, or on another backend, `dropless` returns `None`
-and the caller runs the single-device `dispatch_dropless`; the distributed
-tests check that both give the same outputs and gradients.
+of the worst-case size.
+
+Where no expert-parallel distribution is active, or on another backend,
+`dropless` returns `None` and the caller runs the single-device
+`dispatch_dropless`; the distributed tests check that both give the same
+outputs and gradients.
 """
 
 import keras
 from keras import ops
-
 
 
 def _jax():
@@ -58,7 +59,8 @@ def constrain(tensor, axes, device_mesh):
 def ragged_supported():
     """Whether XLA implements `ragged_all_to_all` on the default platform."""
     jax = _jax()
-    return hasattr(jax.lax, "ragged_all_to_all") and jax.default_backend() in ("gpu", "tpu", "cuda", "rocm")
+    platforms = ("gpu", "tpu", "cuda", "rocm")
+    return hasattr(jax.lax, "ragged_all_to_all") and jax.default_backend() in platforms
 
 
 def choose_exchange(requested):
@@ -240,6 +242,46 @@ def _run_filled_blocks(block, params, x_blocks, block_experts, num_filled, keys)
     return run(params, x_blocks, block_experts, num_filled, keys)
 
 
+def _received_experts(exchange, received_counts, rows):
+    """The local expert of each received row, `E_local` for empty slots.
+
+    Rows from source `s` start at `receive_starts[s]` and come sorted by
+    expert, `received_counts[s, e]` of them for local expert `e`.
+    """
+    local_experts = received_counts.shape[1]
+    starts = exchange.receive_starts(rows)  # (n,)
+    position = ops.arange(exchange.n * rows, dtype="int32")
+    source = ops.searchsorted(starts, position, side="right") - 1  # (n N,)
+    offset = position - ops.take(starts, source)
+    ends = ops.take(ops.cumsum(received_counts, axis=1), source, axis=0)  # (n N, E_local)
+    is_row = offset < ops.take(exchange.recv_sizes, source)
+    local = ops.sum(ops.cast(ends <= ops.expand_dims(offset, 1), "int32"), axis=1)
+    return ops.where(is_row, local, local_experts)
+
+
+def _run_received(received, labels, local_experts, block_size, run_blocks):
+    """Local experts on the received rows `(n N, d)`; results in the same order.
+
+    The rows are sorted by local expert into per-expert blocks
+    (`keras_moe.dispatch.blocks`), `run_blocks(x_blocks, block_experts,
+    num_filled)` computes the filled ones, and the results go back to the
+    receive order.
+    """
+    from keras_moe.dispatch import blocks
+    from keras_moe.dispatch.dropless import sort_by_expert
+
+    is_row = labels < local_experts
+    order, row_experts, group_sizes = sort_by_expert(
+        ops.expand_dims(labels, 1), ops.expand_dims(is_row, 1), local_experts
+    )
+    x_blocks, block_experts, block_sizes, destinations = blocks.to_blocks(
+        ops.take(received, order, axis=0), row_experts, group_sizes, local_experts, block_size
+    )
+    num_filled = ops.sum(block_sizes) // block_size
+    y_blocks = run_blocks(x_blocks, block_experts, num_filled)
+    return ops.take(blocks.from_blocks(y_blocks, destinations), ops.argsort(order), axis=0)
+
+
 def _param_specs(P, expert_axis, model_axis):
     return {
         "up": (P(expert_axis, None, model_axis), P(expert_axis, model_axis)),
@@ -310,6 +352,9 @@ def dropless(x, expert_indices, expert_weights, valid, experts, training=None):
     rate = experts.dropout if training else 0.0
     seed = experts.seed_generator.next() if rate > 0 else ops.zeros((2,), "uint32")
 
+    block = _expert_block(experts, training)
+    mesh_axes = tuple(sharding.device_mesh.axis_names)
+
     def body(x, expert_indices, expert_weights, valid, params, seed):
         rows = x.shape[0] * k
         order, row_experts, group_sizes = sort_by_expert(expert_indices, valid, num_experts)
@@ -325,42 +370,23 @@ def dropless(x, expert_indices, expert_weights, valid, experts, training=None):
         )  # (n sources, E_local)
         device_counts = ops.sum(ops.reshape(counts, (n, n, local_experts)), axis=2)  # (n, n)
         exchange_ = _Exchange(exchange, expert_axis, n, send_starts, send_sizes, device_counts)
-
-        received = exchange_.forward(x_sorted)  # (n * N, d)
-        # Each received row's local expert, from the counts: rows of source
-        # s start at starts[s] and come sorted by expert.
-        starts = exchange_.receive_starts(rows)
-        position = ops.arange(n * rows, dtype="int32")
-        source = ops.searchsorted(starts, position, side="right") - 1  # (n N,)
-        offset = position - ops.take(starts, source)
-        ends = ops.take(ops.cumsum(received_counts, axis=1), source, axis=0)  # (n N, E_local)
-        is_row = offset < ops.take(exchange_.recv_sizes, source)
-        local = ops.sum(ops.cast(ends <= ops.expand_dims(offset, 1), "int32"), axis=1)
-        labels = ops.where(is_row, local, local_experts)
-
-        order2, row_experts2, group_sizes2 = sort_by_expert(
-            ops.expand_dims(labels, 1), ops.expand_dims(is_row, 1), local_experts
-        )
-        by_expert = ops.take(received, order2, axis=0)
-        block_size = blocks.block_size_for(rows, local_experts)
-        x_blocks, block_experts, block_sizes, destinations = blocks.to_blocks(
-            by_expert, row_experts2, group_sizes2, local_experts, block_size
-        )
-        num_filled = ops.sum(block_sizes) // block_size
-        keys = jax.random.split(
-            jax.random.fold_in(seed, jax.lax.axis_index(sharding.token_axes)), x_blocks.shape[0]
-        )
+        local_params = params
         if model_axis is not None and "down_bias" in params:
             # Width-split experts sum partial outputs over the model axis
             # afterwards; the down bias must enter that sum once.
             first = ops.cast(jax.lax.axis_index(model_axis) == 0, params["down_bias"].dtype)
-            params = {**params, "down_bias": params["down_bias"] * first}
-        mesh_axes = tuple(sharding.device_mesh.axis_names)
-        params, x_blocks, keys = _vary((params, x_blocks, keys), mesh_axes)
-        y_blocks = _run_filled_blocks(
-            _expert_block(experts, training), params, x_blocks, block_experts, num_filled, keys
-        )
-        y_received = ops.take(blocks.from_blocks(y_blocks, destinations), ops.argsort(order2), axis=0)
+            local_params = {**params, "down_bias": params["down_bias"] * first}
+        device_seed = jax.random.fold_in(seed, jax.lax.axis_index(sharding.token_axes))
+
+        def run_blocks(x_blocks, block_experts, num_filled):
+            keys = jax.random.split(device_seed, x_blocks.shape[0])
+            p, x_blocks, keys = _vary((local_params, x_blocks, keys), mesh_axes)
+            return _run_filled_blocks(block, p, x_blocks, block_experts, num_filled, keys)
+
+        received = exchange_.forward(x_sorted)  # (n * N, d)
+        labels = _received_experts(exchange_, received_counts, rows)  # (n * N,)
+        block_size = blocks.block_size_for(rows, local_experts)
+        y_received = _run_received(received, labels, local_experts, block_size, run_blocks)
         if model_axis is not None:
             y_received = jax.lax.psum(y_received, model_axis)
 
