@@ -344,3 +344,54 @@ def test_multitask_experts_are_sharded():
         got = compiled_call(model, x)[0]
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=TOL, rtol=0)
+
+
+def test_mixed_precision_matches_single_device():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(8)
+    single = build("dropless")
+    x, mask, y = data(8)
+    want_loss, want_out, _ = loss_and_gradients(single, x, mask, y)
+    with mesh_and_distribution("2d").scope():
+        model = build("dropless")
+        model.set_weights(single.get_weights())
+        loss, out, grads = loss_and_gradients(model, x, mask, y)
+    np.testing.assert_allclose(out.astype("float32"), want_out.astype("float32"), atol=3e-2, rtol=0)
+    assert abs(loss - want_loss) < 1e-2
+    assert all(np.isfinite(g.astype("float32")).all() for g in grads)
+
+
+def test_expert_dropout_trains():
+    """Dropout on the experts' hidden units, drawn per device in the exchange."""
+    inputs = keras.Input((LENGTH, HIDDEN))
+    with mesh_and_distribution("1d").scope():
+        outputs = keras_moe.layers.SwitchFFN(
+            E, WIDTH, capacity_factor=None, eval_capacity_factor=None, expert_dropout=0.5
+        )(inputs)
+        model = keras.Model(inputs, outputs)
+        x, _, _ = data(9)
+        _, train_a, grads = loss_and_gradients_plain(model, x)
+        _, train_b, _ = loss_and_gradients_plain(model, x)
+        infer, _ = compiled_call(model, x)
+    assert all(np.isfinite(g).all() for g in grads)
+    assert not np.allclose(train_a, infer)  # dropout acts in training only
+    assert not np.allclose(train_a, train_b)  # a new mask each call
+
+
+def loss_and_gradients_plain(model, x):
+    import jax
+    import jax.numpy as jnp
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def loss_fn(trainable, non_trainable):
+        outputs, non_trainable = model.stateless_call(trainable, non_trainable, x, training=True)
+        return jnp.mean(outputs**2), (outputs, non_trainable)
+
+    step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (loss, (outputs, non_trainable)), grads = step(trainable, non_trainable)
+    # Keep the advanced seed for the next call.
+    for variable, value in zip(model.non_trainable_variables, non_trainable):
+        variable.assign(value)
+    return float(loss), np.asarray(outputs), [np.asarray(g) for g in grads]
