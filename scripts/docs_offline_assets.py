@@ -50,7 +50,9 @@ IFRAME_WORKER_SHIM = "javascripts/vendor/iframe-worker/shim/index.js"
 
 
 def _cache_root():
-    default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "keras-moe-docs"
+    default = (
+        pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "keras-moe-docs"
+    )
     return pathlib.Path(os.environ.get("KERAS_MOE_DOCS_CACHE", default))
 
 
@@ -95,6 +97,8 @@ def _package_dir(name):
                 tar.extractall(unpacked, filter="data")
             else:  # Python < 3.10.12 / 3.11.4: the archive's hash was checked above.
                 tar.extractall(unpacked)
+        if (target / "package" / "package.json").is_file():  # a concurrent build was first
+            return target / "package"
         if target.exists():  # a partial unpack from an interrupted build
             shutil.rmtree(target)
         unpacked.rename(target)

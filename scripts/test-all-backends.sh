@@ -34,15 +34,27 @@ describe() {  # exit status of pytest -> one word and its detail
   esac
 }
 
+cpu_file=$(mktemp)
+trap 'rm -f "${cpu_file}"' EXIT
+children_cpu() {  # sets `cpu`: user + system seconds of the finished children so far
+  times > "${cpu_file}"  # in this shell: a $(...) subshell would count its own children
+  cpu=$(tail -n 1 "${cpu_file}" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); s += t[1] * 60 + t[2] }; printf "%d", s }')
+}
+
 summary=()
 status=0
 for backend in ${KERAS_MOE_BACKENDS:-jax tensorflow torch}; do
   echo "=== KERAS_BACKEND=${backend}"
   start=${SECONDS}
+  children_cpu
+  cpu_start=${cpu}
   KERAS_BACKEND="${backend}" "${python}" -m pytest -p no:cacheprovider "$@"
   rc=$?
   (( rc == 0 )) || status=1
-  summary+=("$(printf '%-11s %-60s %5ss' "${backend}" "$(describe "${rc}")" "$(( SECONDS - start ))")")
+  children_cpu
+  # CPU time beside wall time: on a shared machine it is the steadier figure.
+  summary+=("$(printf '%-11s %-56s %5ss wall %5ss cpu' "${backend}" "$(describe "${rc}")" \
+    "$(( SECONDS - start ))" "$(( cpu - cpu_start ))")")
 done
 
 echo "=== Summary (one process per backend)"
