@@ -21,10 +21,10 @@ SHAPES = (  # (tokens, num_experts, top_k)
     (1, 1, 1),  # one token, one expert
     (12, 1, 1),  # a stack of one expert: TF's oneDNN einsum crashed on it
     (5, 2, 2),  # top_k == num_experts
-    (12, 3, 2),
-    (7, 6, 3),  # fewer tokens than experts
+    (12, 4, 3),
+    (2, 6, 2),  # fewer assignments than experts: some experts get none
 )
-# With 1, 5, 7 and 12 tokens: groups of one token, groups that divide the
+# With 1, 2, 5 and 12 tokens: groups of one token, groups that divide the
 # tokens, a padded last group, and a group larger than the call.
 GROUP_SIZES = (None, 1, 4, 8)
 # From capacity 1 (the floor) for every expert to room for every assignment.
