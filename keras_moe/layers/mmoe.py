@@ -66,9 +66,9 @@ class MMoE(keras.layers.Layer):
             `name` and `dtype`.
 
     Call arguments:
-        inputs: tensor of shape `(batch, ..., features)`.
-        training: bool. Whether dropout is active.
-        return_gates: bool. If `True`, also return the gate weights.
+        - `inputs`: tensor of shape `(batch, ..., features)`.
+        - `training`: bool. Whether dropout is active.
+        - `return_gates`: bool. If `True`, also return the gate weights.
 
     Returns:
         A list of `num_tasks` tensors of shape `(batch, ..., expert_units[-1])`.

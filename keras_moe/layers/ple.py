@@ -95,10 +95,10 @@ class CGC(keras.layers.Layer):
         **kwargs: other keyword arguments of `keras.layers.Layer`.
 
     Call arguments:
-        inputs: a tensor `(batch, ..., features)`, or a list of
-            `num_tasks + 1` such tensors of equal shape.
-        training: bool. Whether dropout is active.
-        return_gates: bool. If `True`, also return the gate weights.
+        - `inputs`: a tensor `(batch, ..., features)`, or a list of
+          `num_tasks + 1` such tensors of equal shape.
+        - `training`: bool. Whether dropout is active.
+        - `return_gates`: bool. If `True`, also return the gate weights.
 
     Returns:
         A list of `num_tasks` tensors `(batch, ..., expert_units[-1])`,
@@ -411,9 +411,9 @@ class PLE(keras.layers.Layer):
         **kwargs: other keyword arguments of `keras.layers.Layer`.
 
     Call arguments:
-        inputs: tensor of shape `(batch, ..., features)`.
-        training: bool. Whether dropout is active.
-        return_gates: bool. If `True`, also return the gate weights.
+        - `inputs`: tensor of shape `(batch, ..., features)`.
+        - `training`: bool. Whether dropout is active.
+        - `return_gates`: bool. If `True`, also return the gate weights.
 
     Returns:
         A list of `num_tasks` tensors `(batch, ..., expert_units[-1])`. With
