@@ -1,7 +1,3 @@
-import inspect
-import re
-import textwrap
-
 import numpy as np
 import pytest
 import keras
@@ -237,16 +233,3 @@ def test_compute_output_shape():
     layer = MMoE(3, 2, [8, 5])
     assert layer.compute_output_shape((None, 7)) == [(None, 5)] * 3
 
-
-def _run_docstring_example(obj):
-    """Runs the fenced Python code of `obj`'s docstring `Example:`."""
-    doc = inspect.getdoc(obj)
-    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL)
-    assert blocks, f"{obj.__name__} has no Example code"
-    for block in blocks:
-        code = textwrap.dedent(block)
-        exec(compile(code, f"<{obj.__name__} docstring>", "exec"), {})
-
-
-def test_docstring_example_runs():
-    _run_docstring_example(MMoE)

@@ -1,7 +1,3 @@
-import inspect
-import re
-import textwrap
-
 import numpy as np
 import pytest
 import keras
@@ -270,17 +266,3 @@ def test_compute_output_shape():
     assert cgc.compute_output_shape((None, 7)) == [(None, 4)] * 3
     assert cgc.compute_output_shape([(None, 4)] * 3) == [(None, 4)] * 3
 
-
-def _run_docstring_example(obj):
-    """Runs the fenced Python code of `obj`'s docstring `Example:`."""
-    doc = inspect.getdoc(obj)
-    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL)
-    assert blocks, f"{obj.__name__} has no Example code"
-    for block in blocks:
-        code = textwrap.dedent(block)
-        exec(compile(code, f"<{obj.__name__} docstring>", "exec"), {})
-
-
-@pytest.mark.parametrize("cls", [CGC, PLE])
-def test_docstring_example_runs(cls):
-    _run_docstring_example(cls)
