@@ -179,6 +179,8 @@ def test_dropout_only_in_training():
         (dict(expert_units=0), "expert_units"),
         (dict(gate_units=[0]), "gate_units"),
         (dict(dropout=1.0), "dropout"),
+        (dict(use_bias="no"), "use_bias"),
+        (dict(expert_units=[[4], [4]]), "expert_units"),
     ],
 )
 def test_invalid_arguments(kwargs, argument):
