@@ -83,9 +83,14 @@ class MultiTaskModel(keras.Model):
     `"regression"` a linear `(batch, 1)`, and an integer `n` a softmax over
     `n` classes `(batch, n)`.
 
-    The model's outputs are a dict keyed by task name, so it trains the
-    usual Keras way with per-task losses, loss weights and metrics given as
-    dicts to `compile()` and labels given as a dict to `fit()`.
+    The model's outputs are a dict keyed by task name, in `tasks` order, so
+    it trains the usual Keras way with per-task losses, loss weights and
+    metrics given as dicts to `compile()` and labels given as a dict to
+    `fit()`. They may also be lists (or tuples) with one entry per task:
+    these follow the order of `tasks` on every backend. (A plain functional
+    Keras model with dict outputs pairs lists with its outputs in
+    alphabetical order of their names.) `keras_moe.models.SharedBottomModel`
+    is this model with a shared MLP as the mixture.
 
     Args:
         input_dim: int >= 1. Number of input features.
@@ -103,14 +108,6 @@ class MultiTaskModel(keras.Model):
         **kwargs: other keyword arguments of `keras.Model`, e.g. `name` and
             `dtype`. Under a mixed-precision policy the heads compute in
             float32.
-
-    Labels and per-task settings are matched to the outputs by task name.
-    Labels, losses, loss weights and metrics may also be given as lists (or
-    tuples) with one entry per task: they follow the order of `tasks`, on
-    every backend. (A plain functional Keras model with dict outputs would
-    pair them with the outputs in alphabetical order of the names.) The
-    outputs of `predict()` and of calling the model are dicts in `tasks`
-    order too.
 
     Examples:
         >>> import numpy as np
