@@ -294,7 +294,7 @@ def main():
               for kind in MODELS
           ))
 
-    suffix = f" (c = {args.scale:g}, {args.seeds} seed{'s' * (args.seeds > 1)}, mean ± std)"
+    suffix = f" (c = {args.scale:g}, m = {args.num_sines}, {args.seeds} seed{'s' * (args.seeds > 1)}, mean ± std)"
     plot(curves, correlations, steps_per_epoch, args.out, suffix + (" - smoke run" if args.smoke else ""))
     print(f"\nFigure saved to {args.out} ({time.perf_counter() - start:.0f}s in all)")
     return 0
