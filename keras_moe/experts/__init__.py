@@ -4,3 +4,4 @@ from keras_moe.experts.feed_forward import FeedForward
 from keras_moe.experts.initializers import StackedInitializer
 from keras_moe.experts.initializers import reseeded
 from keras_moe.experts.stacked_experts import StackedExperts
+from keras_moe.experts.stacked_mlp import StackedMLP

@@ -5,6 +5,6 @@ from keras_moe.layers.sparse_moe import SparseMoE
 from keras_moe.layers.switch_ffn import SwitchFFN
 
 # Multi-task mixtures (MMoE / CGC / PLE).
+from keras_moe.layers.cgc import CGC
 from keras_moe.layers.mmoe import MMoE
-from keras_moe.layers.ple import CGC
 from keras_moe.layers.ple import PLE
