@@ -18,9 +18,10 @@ import numpy as np
 def plot_expert_load(source, layers=None, path=None, title=None):
     """Heatmaps of each expert's load over epochs, one panel per layer.
 
-    The colour is an expert's share of the assignments times `E`: 1.0 is a
-    balanced load, 0 a starved expert, `E` an expert taking every token. All
-    panels share one colour scale, so runs can be compared.
+    The colour is an expert's share of the assignments times `E`: white at
+    1.0 (a balanced load), blue toward 0 (a starved expert), red above 1 (an
+    overloaded one, up to `E` for an expert taking every token). All panels
+    share one colour scale, so runs can be compared.
 
     Args:
         source: a `RouterMonitor` after `fit`, or a dict of panel title to a
@@ -36,13 +37,16 @@ def plot_expert_load(source, layers=None, path=None, title=None):
     records = _records(source, layers, "expert_load")
     loads = {key: np.asarray(value["expert_load"], "float64") for key, value in records.items()}
     loads = {key: load * load.shape[1] for key, load in loads.items()}  # (epochs, E), 1 = balanced
-    vmax = max(float(load.max()) for load in loads.values())
+    vmax = max(2.0, max(float(load.max()) for load in loads.values()))
     figure = _figure(figsize=(4.2 * len(loads) + 0.8, 3.6))
+    from matplotlib.colors import TwoSlopeNorm
+
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
     axes = figure.subplots(1, len(loads), squeeze=False)[0]
     for ax, (key, load) in zip(axes, loads.items()):
         epochs, num_experts = load.shape
         image = ax.imshow(
-            load.T, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=max(vmax, 1.0),
+            load.T, aspect="auto", origin="lower", cmap="RdBu_r", norm=norm,
             extent=(0.5, epochs + 0.5, -0.5, num_experts - 0.5), interpolation="nearest",
         )
         ax.set_title(key)

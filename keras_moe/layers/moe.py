@@ -48,7 +48,12 @@ class MoE(keras.layers.Layer):
     either (so they take no capacity from finite tokens), output NaN and are
     counted in `nonfinite_count`. Assignments dropped by capacity are
     counted in `dropped_count`; `expert_counts` holds the assignments each
-    expert computed in the latest call.
+    expert computed in the latest call. Training calls also keep routing
+    statistics (assignments per expert before capacity and their running
+    average, the dropped fraction, router entropy and confidence, the
+    unweighted auxiliary losses) in non-trainable variables; see
+    `routing_statistics`, `keras_moe.routing_stats` and
+    `keras_moe.callbacks`.
 
     `SparseMoE` and `SwitchFFN` are this layer with a `TopKRouter` and
     `StackedExperts` built from flat arguments.
