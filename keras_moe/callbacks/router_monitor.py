@@ -36,6 +36,8 @@ class RouterMonitor(keras.callbacks.Callback):
     not change them. Reading them after a batch waits for that batch to
     finish, and on JAX brings the model state back into the variables (the
     way a callback must see state there); `update_freq` reads less often.
+    With `steps_per_execution > 1` a read sees the last step of the
+    execution. `history` and the alarms start afresh with each `fit`.
 
     Args:
         layers: `None` (every routed layer), or a name or list of names of
