@@ -63,6 +63,8 @@ def test_refuses_a_router_that_already_updates_its_bias():
         model.fit(x, y, epochs=1, verbose=0, callbacks=[ExpertBiasBalancer(1e-3)])
 
 
+# The hash router's kernel gets no gradient (it routes by position).
+@pytest.mark.filterwarnings("ignore:Gradients do not exist:UserWarning")
 def test_refuses_layers_without_an_expert_bias():
     inputs = keras.Input((6, 4))
     hidden = keras_moe.layers.SparseMoE(4, 6, name="topk")(inputs)
