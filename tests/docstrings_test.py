@@ -20,6 +20,10 @@ MODULES = [
     "keras_moe.experts.stacked_mlp",
     "keras_moe.experts.initializers",
     "keras_moe.losses.router_losses",
+    "keras_moe.statistics",
+    "keras_moe.callbacks.router_monitor",
+    "keras_moe.callbacks.aux_loss_scheduler",
+    "keras_moe.callbacks.expert_bias_balancer",
 ]
 
 
