@@ -1,5 +1,7 @@
 """SoftMoE: experts on soft mixtures of tokens (Puigcerver et al., 2023)."""
 
+import math
+
 import keras
 from keras import ops
 
@@ -201,8 +203,11 @@ class SoftMoE(keras.layers.Layer):
         check_mask_shape(self, inputs, mask)
         input_shape = ops.shape(inputs)
         lead, hidden = tuple(input_shape[:-1]), input_shape[-1]
-        batch = input_shape[0]
-        x = ops.reshape(inputs, (batch, -1, hidden))  # (B, m, hidden): one group per example
+        batch, rest = input_shape[0], tuple(input_shape[1:-1])
+        tokens = math.prod(rest) if all(isinstance(n, int) for n in rest) else -1
+        if any(isinstance(n, int) and n == 0 for n in (batch, tokens)):
+            return self._empty_call(inputs, return_routing)
+        x = ops.reshape(inputs, (batch, tokens, hidden))  # (B, m, hidden): one group per example
         token_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (batch, -1))
         logits, dispatch, combine, routed = self.routing_weights(x, token_mask)
         keep = ops.expand_dims(routed, -1)
@@ -244,6 +249,18 @@ class SoftMoE(keras.layers.Layer):
         )
         self.dropped_count.assign(0.0)
         self.nonfinite_count.assign(ops.sum(ops.cast(nonfinite, "float32")))
+
+    def _empty_call(self, inputs, return_routing):
+        """A call without tokens: an empty output and empty routing."""
+        self.expert_counts.assign(ops.zeros((self.num_experts,), "float32"))
+        self.dropped_count.assign(0.0)
+        self.nonfinite_count.assign(0.0)
+        outputs = ops.zeros(ops.shape(inputs), self.compute_dtype)
+        if not return_routing:
+            return outputs
+        shape = tuple(ops.shape(inputs)[:-1]) + (self.num_experts, self.slots_per_expert)
+        empty = ops.zeros(shape, "float32")
+        return outputs, {"router_logits": empty, "dispatch_weights": empty, "combine_weights": empty}
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -136,3 +136,18 @@ def test_invalid_arguments():
         ExpertChoiceMoE(4, 8, group_size=0)
     with pytest.raises(ValueError, match="router_jitter"):
         ExpertChoiceMoE(4, 8, router_jitter=1.5)
+
+
+def test_empty_batches_and_unknown_batch_sizes():
+    layer = ExpertChoiceMoE(4, 8, capacity_factor=1.0)
+    layer(_inputs())
+    y, r = layer(np.zeros((0, 8, HIDDEN), "float32"), return_routing=True)
+    assert tuple(y.shape) == (0, 8, HIDDEN) and tuple(r["dispatched"].shape) == (0, 8, 4)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # A graph traced for any batch size: the capacity is a tensor.
+        call = tf.function(lambda x: layer(x), input_signature=[tf.TensorSpec((None, 8, HIDDEN))])
+        x = _inputs((3, 8, HIDDEN))
+        np.testing.assert_allclose(_np(call(x)), _np(layer(x)), atol=1e-6)
+        assert float(_np(layer.expert_counts).sum()) == 4 * 6

@@ -90,6 +90,10 @@ def test_shapes_non_finite_tokens_and_empty_examples():
     mask[0] = False  # an example with no real token
     y = _np(layer(_inputs(), mask=mask))
     assert np.all(y[0] == 0) and np.isfinite(y).all()
+    for empty in ((0, 7, HIDDEN), (2, 0, HIDDEN)):
+        y, r = layer(np.zeros(empty, "float32"), return_routing=True)
+        assert tuple(y.shape) == empty
+        assert tuple(r["combine_weights"].shape) == empty[:-1] + (2, 2)
 
 
 def test_fit_config_save_and_mixed_precision(tmp_path):
@@ -122,3 +126,14 @@ def test_invalid_arguments():
         SoftMoE(2, 2, 8, expert_dropout=1.0)
     with pytest.raises(ValueError, match="mask"):
         SoftMoE(2, 2, 8)(_inputs(), mask=np.ones((2, 6), bool))
+
+
+def test_unknown_batch_size_in_a_tensorflow_graph():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("graphs with an unknown batch size are a TensorFlow matter")
+    import tensorflow as tf
+
+    layer = SoftMoE(2, 3, 8)
+    x = _inputs()
+    call = tf.function(lambda t: layer(t), input_signature=[tf.TensorSpec((None, 7, HIDDEN))])
+    np.testing.assert_allclose(_np(call(x)), _np(layer(x)), atol=1e-6)
