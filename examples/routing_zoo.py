@@ -17,17 +17,19 @@ width 32 in every row; only the routing differs:
 | `gshard_random` | `SparseMoE(top_k=2, second_expert_policy="random", capacity_factor=1.25)` |
 | `gshard_sampling` | the same with `second_expert_policy="sampling"` |
 | `noisy_top2` | `SparseMoE(top_k=2, noisy_gating=True)` (Shazeer et al. 2017) |
-| `bpr_top1` | `SparseMoE(top_k=1, capacity_factor=1.0, batch_prioritized_routing=True)` |
+| `switch_bpr` | `SwitchFFN(batch_prioritized_routing=True)`: capacity to the most confident tokens first |
 | `expert_choice` | `ExpertChoiceMoE(capacity_factor=2.0)`, tokens chosen within each sequence |
 | `soft_moe` | `SoftMoE(slots_per_expert=2)`: 16 slots for 16 tokens |
 | `hash` | `MoE` with a custom router: token position `t -> t mod 8` (Roller et al. 2021) |
 
 Printed per router: the validation MSE (evaluation mode; 1.0 = predicting
-the mean), the share of real tokens that got no expert at all in a training
-pass over the validation set (capacity drops; Expert Choice tokens no expert
-picked), the coefficient of variation of the per-expert load in that pass
+the mean); from a training-mode pass over the validation set, the mean
+number of experts computed per token (capacity drops and GShard's dropped
+second experts lower it; Soft MoE: every expert, on slots), the share of
+tokens that got no expert at all (capacity drops; Expert Choice: tokens no
+expert picked) and the coefficient of variation of the per-expert load
 (std / mean of the assignments each expert computed; Soft MoE: of its soft
-load), and the median time of a training step.
+load); and the median time of a training step.
 
     python examples/routing_zoo.py                 # full run, several minutes on 2 CPU cores
     KERAS_BACKEND=torch python examples/routing_zoo.py --smoke    # CI: seconds
@@ -91,8 +93,8 @@ def make_layer(name):
                       eval_capacity_factor=2.0, **common)
     if name == "noisy_top2":
         return sparse(top_k=2, noisy_gating=True, load_balance_loss_weight=0.0, **common)
-    if name == "bpr_top1":
-        return sparse(top_k=1, capacity_factor=1.0, batch_prioritized_routing=True, **common)
+    if name == "switch_bpr":
+        return keras_moe.layers.SwitchFFN(batch_prioritized_routing=True, **common)
     if name == "expert_choice":
         return keras_moe.layers.ExpertChoiceMoE(capacity_factor=2.0, group_size=SEQ, **common)
     if name == "soft_moe":
@@ -106,7 +108,7 @@ def make_layer(name):
     raise ValueError(name)
 
 
-ROUTERS = ["top2", "switch", "gshard_random", "gshard_sampling", "noisy_top2", "bpr_top1",
+ROUTERS = ["top2", "switch", "switch_bpr", "gshard_random", "gshard_sampling", "noisy_top2",
            "expert_choice", "soft_moe", "hash"]
 
 
@@ -152,7 +154,7 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def routing_statistics(model, x):
-    """Share of tokens without any expert, and the load's coefficient of variation.
+    """Experts computed per token, share of tokens without any, load variation.
 
     Measured in a training-mode call of the MoE layer on `x`'s hidden states.
     """
@@ -160,13 +162,14 @@ def routing_statistics(model, x):
     normed = keras.Model(model.input, model.get_layer("norm").output)(x)
     if isinstance(layer, keras_moe.layers.SoftMoE):
         layer(normed, training=True)
-        unserved = 0.0  # every token receives every slot's output
+        per_token, unserved = float(NUM_EXPERTS), 0.0  # every token gets every slot's output
     else:
         _, routing = layer(normed, training=True, return_routing=True)
         dispatched = ops.convert_to_numpy(routing["dispatched"])  # (n, SEQ, k)
+        per_token = float(dispatched.sum(-1).mean())
         unserved = float((~dispatched.any(-1)).mean())
     load = ops.convert_to_numpy(layer.expert_counts)
-    return unserved, float(load.std() / max(load.mean(), 1e-12))
+    return per_token, unserved, float(load.std() / max(load.mean(), 1e-12))
 
 
 def run(name, data, epochs, batch_size, seed):
@@ -182,9 +185,9 @@ def run(name, data, epochs, batch_size, seed):
     epoch_times = timer.times[1:] or timer.times
     step_ms = 1000 * statistics.median(epoch_times) / steps
     val_mse = float(model.evaluate(x_val, y_val, batch_size=256, verbose=0))
-    unserved, load_cv = routing_statistics(model, x_val)
-    return {"router": name, "val_mse": val_mse, "unserved": unserved, "load_cv": load_cv,
-            "step_ms": step_ms}
+    per_token, unserved, load_cv = routing_statistics(model, x_val)
+    return {"router": name, "val_mse": val_mse, "per_token": per_token, "unserved": unserved,
+            "load_cv": load_cv, "step_ms": step_ms}
 
 
 def main():
@@ -213,11 +216,14 @@ def main():
         rows.append(run(name, data, epochs, batch_size, args.seed))
         print(f"  {name}: done", flush=True)
     print()
-    print("| router | val MSE | tokens without expert | expert-load CV | step (ms) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| router | val MSE | experts / token | tokens without expert | expert-load CV "
+          "| step (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| `{r['router']}` | {r['val_mse']:.4f} | {r['unserved']:.1%} | {r['load_cv']:.2f} "
-              f"| {r['step_ms']:.1f} |")
+        soft = r["router"] == "soft_moe"
+        per_token = "all (slots)" if soft else f"{r['per_token']:.2f}"
+        print(f"| `{r['router']}` | {r['val_mse']:.4f} | {per_token} | {r['unserved']:.1%} "
+              f"| {r['load_cv']:.2f} | {r['step_ms']:.1f} |")
     if args.smoke:
         print("(smoke mode: too little training for the numbers to mean anything)")
     return 0 if all(np.isfinite(r["val_mse"]) for r in rows) else 1

@@ -83,17 +83,15 @@ class NoisyTopKRouter(TopKRouter):
         **kwargs,
     ):
         for name, allowed in (
-            ("score_func", "softmax"),
-            ("num_groups", 1),
-            ("top_groups", None),
-            ("expert_bias_update_rate", 0.0),
+            ("score_func", ("softmax",)),
+            ("num_groups", (1,)),
+            ("top_groups", (None, 1)),
+            ("expert_bias_update_rate", (0.0,)),
         ):
-            if name in kwargs and kwargs[name] != allowed and not (
-                name == "top_groups" and kwargs[name] == kwargs.get("num_groups", 1)
-            ):
+            if name in kwargs and kwargs[name] not in allowed:
                 raise ValueError(
                     f"Noisy top-k gating selects the plain top `k` of the noisy logits, so "
-                    f"`{name}` must be {allowed!r}. Received: {name}={kwargs[name]!r}"
+                    f"`{name}` must be {allowed[-1]!r}. Received: {name}={kwargs[name]!r}"
                 )
         super().__init__(
             num_experts=num_experts,

@@ -112,3 +112,18 @@ def test_config_round_trip_and_errors():
         SparseMoE(4, 8, second_expert_policy="random", second_expert_threshold=0.0)
     with pytest.raises(ValueError, match="eval_second_expert_policy.*top_k=2"):
         SparseMoE(4, 8, top_k=1, eval_second_expert_policy="random")
+
+
+def test_fit_and_save_round_trip(tmp_path):
+    layer = SparseMoE(4, 8, top_k=2, second_expert_policy="random", capacity_factor=1.5,
+                      eval_second_expert_policy="all", seed=4, name="moe")
+    model = keras.Sequential([keras.Input((5, HIDDEN)), layer, keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    x = _inputs((6, 5, HIDDEN))
+    history = model.fit(x, np.ones((6, 5, 1), "float32"), epochs=2, batch_size=3, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    path = str(tmp_path / "gshard.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_layer("moe").router.second_expert_policy == "random"
+    np.testing.assert_allclose(_np(loaded(x)), _np(model(x)), atol=1e-6)
