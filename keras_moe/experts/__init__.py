@@ -1,5 +1,6 @@
 """Experts: feed-forward networks that know nothing of routing."""
 
+from keras_moe.experts.base import Experts
 from keras_moe.experts.feed_forward import FeedForward
 from keras_moe.experts.initializers import StackedInitializer
 from keras_moe.experts.initializers import reseeded

@@ -60,10 +60,11 @@ class MoE(keras.layers.Layer):
 
     Args:
         router: a `keras_moe.routers.Router`.
-        experts: the experts: a `keras_moe.experts.StackedExperts` or any
-            layer with the same protocol (`num_experts`, and `call` on
-            capacity buffers `(..., E, C, hidden)`; see the docs' "Custom
-            experts").
+        experts: the experts: a `keras_moe.experts.StackedExperts`, a
+            subclass of `keras_moe.experts.Experts`, or any layer with
+            `num_experts` and `call` on capacity buffers `(..., E, C,
+            hidden)` (then a capacity factor is needed; see
+            `keras_moe.experts.base` for the protocol).
         capacity_factor: float > 0 or `None` (dropless). Defaults to `None`.
         eval_capacity_factor: float > 0 or `None` (same as
             `capacity_factor`), used when not training. Defaults to `None`.
@@ -148,6 +149,14 @@ class MoE(keras.layers.Layer):
                     f"is dropless and would ignore it. Received: group_size={group_size}, "
                     "capacity_factor=None, eval_capacity_factor=None"
                 )
+        if capacity_factor is None and not router.names_slots and not supports_dropless(experts):
+            raise ValueError(
+                "Dropless dispatch (`capacity_factor=None`) needs experts that run on rows "
+                f"without a capacity buffer ({', '.join(DROPLESS_METHODS)}); "
+                f"{type(experts).__name__} has only `call` on capacity buffers. Pass a "
+                "`capacity_factor`, or subclass `keras_moe.experts.Experts`, which provides "
+                "them from one formula."
+            )
         if shared_gate is not None and shared_expert is None:
             raise ValueError("`shared_gate` needs a `shared_expert`. Received: shared_expert=None")
         self.router = router
@@ -300,17 +309,7 @@ class MoE(keras.layers.Layer):
         }
 
     def _check_mask_shape(self, inputs, mask):
-        if mask is None:
-            return
-        expected, got = tuple(inputs.shape[:-1]), tuple(mask.shape)
-        if len(expected) != len(got) or any(
-            a is not None and b is not None and a != b for a, b in zip(expected, got)
-        ):
-            raise ValueError(
-                f"{self.__class__.__name__}: `mask` must have the shape of the inputs without "
-                f"their last (hidden) dimension, {expected}. Received: mask.shape={got} for "
-                f"inputs.shape={tuple(inputs.shape)}"
-            )
+        check_mask_shape(self, inputs, mask)
 
     def _to_groups(self, x, token_mask, group_size):
         """`(T, hidden)` -> `(G, S, hidden)` routing groups, and their mask.
@@ -506,3 +505,27 @@ class MoE(keras.layers.Layer):
             if isinstance(config.get(key), dict):
                 config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+#: The experts' methods dropless dispatch calls (see `keras_moe.experts.base`).
+DROPLESS_METHODS = ("call_blocks", "call_grouped")
+
+
+def supports_dropless(experts):
+    """Whether `experts` has the methods dropless dispatch needs."""
+    return all(callable(getattr(experts, name, None)) for name in DROPLESS_METHODS)
+
+
+def check_mask_shape(layer, inputs, mask):
+    """Raises `ValueError` unless `mask` has the shape of `inputs` without the last axis."""
+    if mask is None:
+        return
+    expected, got = tuple(inputs.shape[:-1]), tuple(mask.shape)
+    if len(expected) != len(got) or any(
+        a is not None and b is not None and a != b for a, b in zip(expected, got)
+    ):
+        raise ValueError(
+            f"{layer.__class__.__name__}: `mask` must have the shape of the inputs without "
+            f"their last (hidden) dimension, {expected}. Received: mask.shape={got} for "
+            f"inputs.shape={tuple(inputs.shape)}"
+        )
