@@ -52,3 +52,17 @@ def test_a_layer_of_another_kind_reaches_the_monitor():
 def test_a_model_without_routed_layers():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     assert keras_moe.routing_stats(model) == {}
+
+
+def test_every_routed_layer_kind_reports():
+    """SparseMoE, ExpertChoiceMoE (the MoE core) and SoftMoE (soft load) all report."""
+    inputs = keras.Input((6, 4))
+    hidden = keras_moe.layers.ExpertChoiceMoE(4, 6, name="choice")(inputs)
+    outputs = keras_moe.layers.SoftMoE(4, 2, 6, name="soft")(hidden)
+    model = keras.Model(inputs, outputs)
+    model(np.random.default_rng(0).standard_normal((2, 6, 4)).astype("float32"), training=True)
+    stats = keras_moe.routing_stats(model)
+    assert set(stats) == {"choice", "soft"}
+    for name in ("choice", "soft"):
+        np.testing.assert_allclose(stats[name]["expert_load"].sum(), 1.0, rtol=1e-6)
+    assert stats["soft"]["dropped_fraction"] == 0.0

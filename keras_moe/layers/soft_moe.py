@@ -250,6 +250,29 @@ class SoftMoE(keras.layers.Layer):
         self.dropped_count.assign(0.0)
         self.nonfinite_count.assign(ops.sum(ops.cast(nonfinite, "float32")))
 
+    def routing_statistics(self):
+        """The statistics protocol of `keras_moe.routing_stats` and the callbacks.
+
+        Soft MoE routes no token exclusively, so the figures are soft: the
+        load of an expert is its share of the real tokens' combine weight
+        (`expert_counts`), of the latest call (training or not). Nothing is
+        ever dropped and there are no auxiliary losses.
+
+        Returns:
+            A dict: `assignment_counts` `(E,)` (the soft load),
+            `expert_load` `(E,)` (its shares), `load_max_mean_ratio`,
+            `dropped_fraction` (0.0), `aux_losses` (`{}`).
+        """
+        counts = keras.ops.convert_to_numpy(self.expert_counts.value).astype("float64")
+        total = counts.sum()
+        return {
+            "assignment_counts": counts,
+            "expert_load": counts / total if total > 0 else counts,
+            "load_max_mean_ratio": float(counts.max() * self.num_experts / total) if total > 0 else 0.0,
+            "dropped_fraction": 0.0,
+            "aux_losses": {},
+        }
+
     def _empty_call(self, inputs, return_routing):
         """A call without tokens: an empty output and empty routing."""
         self.expert_counts.assign(ops.zeros((self.num_experts,), "float32"))
