@@ -395,3 +395,30 @@ def loss_and_gradients_plain(model, x):
     for variable, value in zip(model.non_trainable_variables, non_trainable):
         variable.assign(value)
     return float(loss), np.asarray(outputs), [np.asarray(g) for g in grads]
+
+
+@pytest.mark.parametrize("kind", ["expert_choice", "soft"])
+def test_expert_choice_and_soft_moe_match_single_device(kind):
+    """Expert Choice fills the same capacity buffers (router-named slots);
+    Soft MoE runs its experts on slot buffers through GSPMD."""
+
+    def model():
+        inputs = keras.Input((LENGTH, HIDDEN))
+        if kind == "expert_choice":
+            layer = keras_moe.layers.ExpertChoiceMoE(E, WIDTH, capacity_factor=2.0, group_size=4, name="moe")
+        else:
+            layer = keras_moe.layers.SoftMoE(E, 2, WIDTH, name="moe")
+        return keras.Model(inputs, keras.layers.Dense(OUT)(layer(inputs)))
+
+    keras.utils.set_random_seed(10)
+    single = model()
+    x, _, y = data(10)
+    want, _ = compiled_call(single, x)
+    distribution = mesh_and_distribution("2d")
+    with distribution.scope():
+        sharded = model()
+        sharded.set_weights(single.get_weights())
+        up = sharded.get_layer("moe").experts.up_kernel.value
+        assert {s.data.shape for s in up.addressable_shards} == {(E // 4, HIDDEN, WIDTH)}
+        got, _ = compiled_call(sharded, x)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)

@@ -75,6 +75,19 @@ def test_model_axis_splits_expert_and_shared_widths():
     assert by_suffix["shared_gate/kernel"] is None
 
 
+def test_expert_choice_and_soft_moe_experts_are_sharded():
+    inputs = keras.Input((4, 8))
+    h = keras_moe.layers.ExpertChoiceMoE(8, 16, capacity_factor=2.0, use_bias=True, name="choice")(inputs)
+    h = keras_moe.layers.SoftMoE(8, 2, 16, name="soft")(h)
+    found = layouts_of(keras.Model(inputs, h))
+    sharded = {p for p, axes in found.items() if axes is not None}
+    assert sharded == {
+        "choice/experts/up_kernel", "choice/experts/down_kernel",
+        "choice/experts/up_bias", "choice/experts/down_bias",
+        "soft/experts/up_kernel", "soft/experts/down_kernel",
+    }
+
+
 @pytest.mark.parametrize(
     "make",
     [
