@@ -2,6 +2,7 @@
 
 from keras_moe import callbacks
 from keras_moe import dispatch
+from keras_moe import distribution
 from keras_moe import experts
 from keras_moe import layers
 from keras_moe import losses
@@ -14,6 +15,7 @@ from keras_moe.version import __version__
 __all__ = [
     "callbacks",
     "dispatch",
+    "distribution",
     "experts",
     "layers",
     "losses",

@@ -29,6 +29,7 @@ MODULES = [
     "keras_moe.callbacks.router_monitor",
     "keras_moe.callbacks.aux_loss_scheduler",
     "keras_moe.callbacks.expert_bias_balancer",
+    "keras_moe.distribution.layouts",
 ]
 
 

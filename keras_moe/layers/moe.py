@@ -3,8 +3,10 @@
 import keras
 from keras import ops
 
+from keras_moe import backend as fast
 from keras_moe import compat
 from keras_moe import dispatch
+from keras_moe import distribution
 from keras_moe.routers.base import Router
 from keras_moe.validation import check_int
 from keras_moe.validation import check_positive
@@ -247,6 +249,10 @@ class MoE(keras.layers.Layer):
         grouped = capacity_factor is not None or self.router.names_slots
         group_size = self.group_size if grouped else None
         x_groups, mask_groups = self._to_groups(x, token_mask, group_size)
+        if grouped:
+            # Expert parallelism: each device routes its own groups.
+            x_groups = distribution.shard_groups(x_groups)
+            mask_groups = None if mask_groups is None else distribution.shard_groups(mask_groups)
         plan = self.router(x_groups, token_mask=mask_groups, training=training)
         flat = lambda t: ops.reshape(t, (-1,) + tuple(ops.shape(t)[2:]))[:tokens]  # noqa: E731
 
@@ -261,10 +267,12 @@ class MoE(keras.layers.Layer):
             outputs = flat(outputs)
         elif capacity_factor is None:
             dispatched = plan.dispatch_mask
-            outputs = dispatch.dispatch_dropless(
-                x, flat(plan.expert_indices), flat(plan.expert_weights), flat(dispatched),
-                self.experts, training=training,
-            )
+            assignments = (flat(plan.expert_indices), flat(plan.expert_weights), flat(dispatched))
+            # Under expert parallelism (JAX): tokens travel to their experts'
+            # devices; elsewhere `None`, and the single-device dispatch runs.
+            outputs = fast.expert_parallel_dropless(x, *assignments, self.experts, training=training)
+            if outputs is None:
+                outputs = dispatch.dispatch_dropless(x, *assignments, self.experts, training=training)
         else:
             k = ops.shape(plan.expert_indices)[-1]
             capacity = dispatch.compute_capacity(
