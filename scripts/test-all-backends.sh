@@ -4,6 +4,8 @@
 # in one backend never hides the others' results.
 #
 # Extra arguments go to pytest, e.g. `bash scripts/test-all-backends.sh tests/layers -x`.
+# Without arguments it runs the whole suite: every backend, then the
+# multi-device tests (8 virtual devices) in processes of their own.
 # KERAS_MOE_BACKENDS chooses the backends (default "jax tensorflow torch");
 # PYTHON the interpreter (default `python`, the active virtual environment's).
 # Exits 0 only if every backend passed.
@@ -43,19 +45,42 @@ children_cpu() {  # sets `cpu`: user + system seconds of the finished children s
 
 summary=()
 status=0
-for backend in ${KERAS_MOE_BACKENDS:-jax tensorflow torch}; do
-  echo "=== KERAS_BACKEND=${backend}"
-  start=${SECONDS}
+run() {  # run LABEL [ENV=VALUE ...] -- PYTEST_ARGS...: one pytest process, one summary line
+  local label=$1 envs=()
+  shift
+  while [[ $1 != "--" ]]; do envs+=("$1"); shift; done
+  shift
+  echo "=== ${label}"
+  local start=${SECONDS}
   children_cpu
-  cpu_start=${cpu}
-  KERAS_BACKEND="${backend}" "${python}" -m pytest -p no:cacheprovider "$@"
-  rc=$?
+  local cpu_start=${cpu}
+  env "${envs[@]}" "${python}" -m pytest -p no:cacheprovider "$@"
+  local rc=$?
   (( rc == 0 )) || status=1
   children_cpu
   # CPU time beside wall time: on a shared machine it is the steadier figure.
-  summary+=("$(printf '%-11s %-56s %5ss wall %5ss cpu' "${backend}" "$(describe "${rc}")" \
+  summary+=("$(printf '%-26s %-46s %5ss wall %5ss cpu' "${label}" "$(describe "${rc}")" \
     "$(( SECONDS - start ))" "$(( cpu - cpu_start ))")")
+}
+
+for backend in ${KERAS_MOE_BACKENDS:-jax tensorflow torch}; do
+  run "${backend}" KERAS_BACKEND="${backend}" -- "$@"
 done
+
+# The whole suite (no arguments) includes the multi-device tests of expert
+# parallelism, each in a process of its own: JAX and TensorFlow fix their
+# device configuration when they start (scripts/test-distribution.sh).
+if (( $# == 0 )); then
+  for backend in ${KERAS_MOE_BACKENDS:-jax tensorflow torch}; do
+    case "${backend}" in
+      jax) run "jax, 8 host devices" KERAS_BACKEND=jax \
+             XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" \
+             -- tests/distribution/expert_parallel_test.py ;;
+      tensorflow) run "tensorflow, 8 DTensor CPUs" KERAS_BACKEND=tensorflow \
+             KERAS_MOE_TF_LOGICAL_CPUS=8 -- tests/distribution/dtensor_test.py ;;
+    esac
+  done
+fi
 
 echo "=== Summary (one process per backend)"
 printf '  %s\n' "${summary[@]}"
