@@ -110,3 +110,54 @@ def check_float_dtype(name, dtype):
     if standardized is None or not keras.backend.is_float_dtype(standardized):
         raise ValueError(f"`{name}` must be a floating dtype. Received: {name}={dtype!r}")
     return standardized
+
+
+class renamed_arguments:
+    """Reports errors of the checks inside under the caller's argument names.
+
+    A layer that forwards its argument `router_jitter` to a router's `jitter`
+    validates it once, in the router, and its users still read the name they
+    typed: `with renamed_arguments(jitter="router_jitter"): TopKRouter(...)`.
+    """
+
+    def __init__(self, **names):
+        self.names = names
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not ValueError:
+            return False
+        message = str(exc)
+        for inner, outer in self.names.items():
+            message = message.replace(f"`{inner}`", f"`{outer}`")
+            message = message.replace(f" {inner}=", f" {outer}=")
+        if message != str(exc):
+            raise ValueError(message) from None
+        return False
+
+
+def is_per_stage(value):
+    """Whether layer widths `value` are given per stage: a list holding a list."""
+    return isinstance(value, (list, tuple)) and any(
+        isinstance(spec, (list, tuple)) for spec in value
+    )
+
+
+def check_units_per_stage(name, value, num_stages):
+    """Layer widths for each of `num_stages` stages, as a tuple of tuples of ints.
+
+    `value` is either one spec for every stage (an int >= 1 or a list of
+    them, as `check_units` takes) or a list of `num_stages` specs, one per
+    stage, at least one of them itself a list: `[[64, 32], [32]]` gives the
+    first stage two layers and the second one.
+    """
+    if not is_per_stage(value):
+        return (check_units(name, value),) * num_stages
+    if len(value) != num_stages:
+        raise ValueError(
+            f"`{name}` given per stage must have one entry per stage ({num_stages}), "
+            f"each a positive integer or a non-empty list of them. Received: {name}={value!r}"
+        )
+    return tuple(check_units(f"{name}[{i}]", spec) for i, spec in enumerate(value))

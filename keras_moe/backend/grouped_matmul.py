@@ -247,3 +247,18 @@ def _torch_grouped_mm_function():
             return grad_x, grad_kernels, None
 
     return TorchGroupedMM
+
+
+def keep_only_matmuls(fn):
+    """`fn` whose backward pass stores only its matmul outputs (JAX).
+
+    In a loop over expert blocks, JAX would otherwise store each step's
+    slices of the expert kernels for the backward pass: a copy of the
+    kernels per block. `jax.checkpoint` with a policy that saves matmul
+    outputs recomputes the (cheap) slices instead. Other backends: `fn`.
+    """
+    if keras.backend.backend() != "jax":
+        return fn
+    import jax
+
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)

@@ -12,6 +12,18 @@ import keras
 from keras import ops
 
 
+def host_ints(t):
+    """A small integer tensor as a list of Python ints (one read to the host).
+
+    PyTorch: `Tensor.tolist()`; Keras' `convert_to_numpy` goes through
+    `np.array(tensor)`, which NumPy 2 answers with a DeprecationWarning for
+    torch tensors (their `__array__` takes no `copy` argument).
+    """
+    if keras.backend.backend() == "torch":
+        return [int(v) for v in t.tolist()]
+    return [int(v) for v in ops.convert_to_numpy(t).reshape(-1)]
+
+
 def eager_shapes():
     """Whether tensor sizes can be read as Python ints here (PyTorch, eager TensorFlow).
 

@@ -99,6 +99,10 @@ def dispatch_dropless(
     strategy = strategy or default_strategy()
     if strategy not in STRATEGIES:
         raise ValueError(f"`strategy` must be one of {STRATEGIES}. Received: strategy={strategy!r}")
+    if strategy == "ranges" and not getattr(experts, "exact_row_ranges", False):
+        # Custom experts (`keras_moe.experts.Experts`) run rows in blocks or
+        # through the grouped matmul, not as exact row ranges.
+        strategy = "grouped" if fast.has_grouped_matmul() else "scan"
     if strategy == "ranges" and keras.backend.backend() == "jax":
         raise ValueError(
             "`strategy='ranges'` needs dynamic shapes (PyTorch, TensorFlow graphs); "

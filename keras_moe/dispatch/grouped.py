@@ -50,9 +50,7 @@ def _expert_ranges(plan):
     """`(starts, sizes)` of each expert's rows: Python ints on PyTorch (one host read)."""
     starts = ops.cumsum(plan.group_sizes) - plan.group_sizes
     if fast.eager_shapes():
-        return [int(s) for s in ops.convert_to_numpy(starts)], [
-            int(s) for s in ops.convert_to_numpy(plan.group_sizes)
-        ]
+        return fast.host_ints(starts), fast.host_ints(plan.group_sizes)
     return [starts[e] for e in range(plan.num_experts)], [
         plan.group_sizes[e] for e in range(plan.num_experts)
     ]

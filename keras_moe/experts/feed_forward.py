@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_moe.experts.initializers import reseeded
 from keras_moe.validation import check_bool
 from keras_moe.validation import check_int
 
@@ -75,18 +76,22 @@ class FeedForward(keras.layers.Layer):
     def build(self, input_shape):
         hidden = input_shape[-1]
         width = self.intermediate_dim
+
+        def init(name):
+            # One initializer instance with an integer seed would give the
+            # up and gate kernels equal values.
+            return reseeded(self.kernel_initializer, f"{self.name}/{name}")
+
         self.up_kernel = self.add_weight(
-            name="up_kernel", shape=(hidden, width), initializer=self.kernel_initializer
+            name="up_kernel", shape=(hidden, width), initializer=init("up_kernel")
         )
         self.gate_kernel = None
         if self.gated:
             self.gate_kernel = self.add_weight(
-                name="gate_kernel",
-                shape=(hidden, width),
-                initializer=self.kernel_initializer,
+                name="gate_kernel", shape=(hidden, width), initializer=init("gate_kernel")
             )
         self.down_kernel = self.add_weight(
-            name="down_kernel", shape=(width, hidden), initializer=self.kernel_initializer
+            name="down_kernel", shape=(width, hidden), initializer=init("down_kernel")
         )
 
     def call(self, inputs):

@@ -47,6 +47,9 @@ class StackedExperts(keras.layers.Layer):
         (4, 3, 16)
         """
 
+    # `call_dropless` runs exact per-expert row ranges (see `Experts`).
+    exact_row_ranges = True
+
     def __init__(
         self,
         num_experts,

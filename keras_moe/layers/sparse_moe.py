@@ -1,23 +1,19 @@
 """SparseMoE: token-choice top-k mixture-of-experts feed-forward layer."""
 
 import keras
-from keras import ops
 
-from keras_moe import dispatch
-from keras_moe import losses
 from keras_moe.experts import FeedForward
 from keras_moe.experts import StackedExperts
+from keras_moe.layers.moe import MoE
+from keras_moe.routers import NoisyTopKRouter
 from keras_moe.routers import TopKRouter
-from keras_moe.routers.top_k_router import validate_routing_args
 from keras_moe.validation import check_float_dtype
 from keras_moe.validation import check_int
-from keras_moe.validation import check_non_negative
-from keras_moe.validation import check_positive
-from keras_moe.validation import check_rate
+from keras_moe.validation import renamed_arguments
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class SparseMoE(keras.layers.Layer):
+class SparseMoE(MoE):
     """Token-choice top-k mixture-of-experts feed-forward layer.
 
     Each token is routed to `top_k` of `num_experts` feed-forward experts and
@@ -49,6 +45,12 @@ class SparseMoE(keras.layers.Layer):
     load_balancing_loss` and `router_z_loss_weight * router_z_loss` with
     `add_loss`, and with `expert_bias_update_rate > 0` moves the router's
     expert bias toward balance (DeepSeek-V3's aux-loss-free balancing).
+
+    Two routing variants are flags: `noisy_gating=True` makes the router a
+    `NoisyTopKRouter` (Shazeer et al., 2017: trainable noise on the logits
+    in training, plus the importance and load losses), and
+    `second_expert_policy` applies GShard's `"random"` or `"sampling"`
+    policy to the second of `top_k=2` experts.
 
     Keras masks are supported: masked tokens are not routed, use no capacity,
     produce zero output and are left out of the losses and statistics.
@@ -92,6 +94,31 @@ class SparseMoE(keras.layers.Layer):
         expert_dropout: float in `[0, 1)`, dropout on the experts' hidden
             activations in training (an extension of the contract, used by
             `SwitchFFN`). Defaults to 0.0.
+        batch_prioritized_routing: bool, serve capacity to the tokens the
+            router is most confident about first (V-MoE) instead of in token
+            order. Defaults to `False`.
+        second_expert_policy: `"all"`, `"random"` or `"sampling"`, GShard's
+            policy for the second expert; needs `top_k=2`. `"random"` keeps
+            the second expert with probability `min(1, w_2 /
+            second_expert_threshold)`, `"sampling"` draws it from the scores
+            of the other experts. Defaults to `"all"`.
+        second_expert_threshold: float > 0, see `second_expert_policy`.
+            Defaults to 0.2.
+        eval_second_expert_policy: the policy when not training, or `None`
+            for `second_expert_policy`. Defaults to `None`.
+        noisy_gating: bool, noisy top-k gating (Shazeer et al., 2017): in
+            training, `N(0, 1) * (softplus(x @ router.noise_kernel) +
+            noise_epsilon)` is added to the logits, and the importance and
+            load losses are added. Needs `score_func="softmax"`,
+            `num_groups=1` and no expert-bias updates. Defaults to `False`.
+        noise_epsilon: float >= 0, the noise scale's floor with
+            `noisy_gating`. Defaults to 1e-2.
+        importance_loss_weight: float >= 0, weight of
+            `keras_moe.losses.importance_loss`; `None` means 1e-2 with
+            `noisy_gating` and 0 without. Defaults to `None`.
+        load_loss_weight: float >= 0, weight of `keras_moe.losses.load_loss`
+            (needs `noisy_gating`); `None` means 1e-2 with `noisy_gating`
+            and 0 without. Defaults to `None`.
         kernel_initializer: initializer of each expert's kernels (and of the
             shared expert). Defaults to `"glorot_uniform"`.
         router_initializer: initializer of the router kernel.
@@ -153,302 +180,224 @@ class SparseMoE(keras.layers.Layer):
         router_z_loss_weight=0.0,
         expert_bias_update_rate=0.0,
         expert_dropout=0.0,
+        batch_prioritized_routing=False,
+        second_expert_policy="all",
+        second_expert_threshold=0.2,
+        eval_second_expert_policy=None,
+        noisy_gating=False,
+        noise_epsilon=1e-2,
+        importance_loss_weight=None,
+        load_loss_weight=None,
         kernel_initializer="glorot_uniform",
         router_initializer="glorot_uniform",
         bias_initializer="zeros",
         seed=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        validate_routing_args(
+        # Each argument is validated once, by the part that uses it; errors
+        # name the arguments as this layer calls them.
+        router_kwargs = dict(
             num_experts=num_experts,
             top_k=top_k,
-            score_func=score_func,
-            routed_scaling_factor=routed_scaling_factor,
-            num_groups=num_groups,
-            top_groups=top_groups,
-            router_jitter=router_jitter,
-            expert_bias_update_rate=expert_bias_update_rate,
-        )
-        check_int("intermediate_dim", intermediate_dim, 1)
-        for name, value in (
-            ("capacity_factor", capacity_factor),
-            ("eval_capacity_factor", eval_capacity_factor),
-        ):
-            if value is not None:
-                check_positive(name, value)
-        if group_size is not None:
-            check_int("group_size", group_size, 1)
-        check_int("shared_intermediate_dim", shared_intermediate_dim, 0)
-        if shared_expert_gate and shared_intermediate_dim == 0:
-            raise ValueError(
-                "`shared_expert_gate=True` needs a shared expert: set "
-                "`shared_intermediate_dim` >= 1. Received: shared_intermediate_dim=0"
-            )
-        check_non_negative("load_balance_loss_weight", load_balance_loss_weight)
-        check_non_negative("router_z_loss_weight", router_z_loss_weight)
-        check_rate("expert_dropout", expert_dropout)
-        check_float_dtype("router_dtype", router_dtype)
-
-        self.num_experts = num_experts
-        self.intermediate_dim = intermediate_dim
-        self.top_k = top_k
-        self.activation = keras.activations.get(activation)
-        self.gated = gated
-        self.use_bias = use_bias
-        self.score_func = score_func
-        self.normalize_top_k = normalize_top_k
-        self.routed_scaling_factor = routed_scaling_factor
-        self.num_groups = num_groups
-        self.top_groups = top_groups
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.group_size = group_size
-        self.shared_intermediate_dim = shared_intermediate_dim
-        self.shared_expert_gate = shared_expert_gate
-        self.router_bias = router_bias
-        self.router_jitter = router_jitter
-        self.router_dtype = keras.backend.standardize_dtype(router_dtype)
-        self.load_balance_loss_weight = load_balance_loss_weight
-        self.router_z_loss_weight = router_z_loss_weight
-        self.expert_bias_update_rate = expert_bias_update_rate
-        self.expert_dropout = expert_dropout
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.router_initializer = keras.initializers.get(router_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.seed = seed
-        self.supports_masking = True
-
-        self.router = TopKRouter(
-            num_experts=num_experts,
-            top_k=top_k,
-            score_func=score_func,
             normalize_top_k=normalize_top_k,
             routed_scaling_factor=routed_scaling_factor,
-            num_groups=num_groups,
-            top_groups=top_groups,
             use_bias=router_bias,
             jitter=router_jitter,
-            expert_bias_update_rate=expert_bias_update_rate,
-            kernel_initializer=self.router_initializer,
+            batch_prioritized_routing=batch_prioritized_routing,
+            second_expert_policy=second_expert_policy,
+            second_expert_threshold=second_expert_threshold,
+            eval_second_expert_policy=eval_second_expert_policy,
+            load_balance_loss_weight=load_balance_loss_weight,
+            z_loss_weight=router_z_loss_weight,
+            kernel_initializer=router_initializer,
             seed=seed,
-            dtype=self.router_dtype,
+            dtype=check_float_dtype("router_dtype", router_dtype),
             name="router",
         )
-        self.experts = StackedExperts(
+        top_k_kwargs = dict(
+            score_func=score_func,
+            num_groups=num_groups,
+            top_groups=top_groups,
+            expert_bias_update_rate=expert_bias_update_rate,
+        )
+        with renamed_arguments(
+            use_bias="router_bias",
+            jitter="router_jitter",
+            z_loss_weight="router_z_loss_weight",
+        ):
+            if noisy_gating:
+                router = NoisyTopKRouter(
+                    noise_epsilon=noise_epsilon,
+                    importance_loss_weight=1e-2 if importance_loss_weight is None
+                    else importance_loss_weight,
+                    load_loss_weight=1e-2 if load_loss_weight is None else load_loss_weight,
+                    # Only changed ones: NoisyTopKRouter refuses to change them.
+                    **{k: v for k, v in top_k_kwargs.items() if v != TOP_K_DEFAULTS[k]},
+                    **router_kwargs,
+                )
+            else:
+                for name, value, unused in (
+                    ("importance_loss_weight", importance_loss_weight, (None, 0)),
+                    ("load_loss_weight", load_loss_weight, (None, 0)),
+                    ("noise_epsilon", noise_epsilon, (1e-2,)),
+                ):
+                    if value not in unused:
+                        raise ValueError(
+                            f"`{name}` belongs to noisy top-k gating: set `noisy_gating=True`. "
+                            f"Received: {name}={value!r}, noisy_gating=False"
+                        )
+                router = TopKRouter(**top_k_kwargs, **router_kwargs)
+        experts, shared_expert, shared_gate = feed_forward_parts(
             num_experts=num_experts,
             intermediate_dim=intermediate_dim,
-            activation=self.activation,
+            activation=activation,
             gated=gated,
             use_bias=use_bias,
-            dropout=expert_dropout,
-            kernel_initializer=self.kernel_initializer,
-            bias_initializer=self.bias_initializer,
+            expert_dropout=expert_dropout,
+            shared_intermediate_dim=shared_intermediate_dim,
+            shared_expert_gate=shared_expert_gate,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
             seed=seed,
-            dtype=self.dtype_policy,
-            name="experts",
+            dtype=kwargs.get("dtype"),
         )
-        self.shared_expert = None
-        self.shared_gate = None
-        if shared_intermediate_dim:
-            self.shared_expert = FeedForward(
-                intermediate_dim=shared_intermediate_dim,
-                activation=self.activation,
-                gated=gated,
-                kernel_initializer=self.kernel_initializer,
-                dtype=self.dtype_policy,
-                name="shared_expert",
-            )
-            if shared_expert_gate:
-                self.shared_gate = keras.layers.Dense(
-                    1,
-                    use_bias=False,
-                    kernel_initializer=self.kernel_initializer,
-                    dtype=self.dtype_policy,
-                    name="shared_gate",
-                )
-
-    def build(self, input_shape):
-        if len(input_shape) < 2:
-            raise ValueError(
-                f"{self.__class__.__name__} expects inputs of rank >= 2 "
-                f"`(..., hidden)`. Received input_shape={input_shape}"
-            )
-        hidden = input_shape[-1]
-        if hidden is None:
-            raise ValueError(
-                f"The last (hidden) dimension of the inputs to {self.__class__.__name__} "
-                f"must be known. Received input_shape={input_shape}"
-            )
-        self.input_spec = keras.InputSpec(min_ndim=2, axes={-1: hidden})
-        self.router.build((None, hidden))
-        self.experts.build((None, hidden))
-        if self.shared_expert is not None:
-            self.shared_expert.build((None, hidden))
-        if self.shared_gate is not None:
-            self.shared_gate.build((None, hidden))
-        # Routing statistics of the latest call, for callbacks and users.
-        self.expert_counts = self.add_weight(
-            name="expert_counts",
-            shape=(self.num_experts,),
-            initializer="zeros",
-            dtype="float32",
-            trainable=False,
+        super().__init__(
+            router=router,
+            experts=experts,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=eval_capacity_factor,
+            group_size=group_size,
+            shared_expert=shared_expert,
+            shared_gate=shared_gate,
+            **kwargs,
         )
-        self.dropped_count = self.add_weight(
-            name="dropped_count", shape=(), initializer="zeros", dtype="float32", trainable=False
-        )
+        self.shared_intermediate_dim = int(shared_intermediate_dim)
+        self.seed = seed
 
-    def _active_capacity_factor(self, training):
-        if training or self.eval_capacity_factor is None:
-            return self.capacity_factor
-        return self.eval_capacity_factor
-
-    def call(self, inputs, training=None, mask=None, return_routing=False):
-        input_shape = ops.shape(inputs)
-        hidden = input_shape[-1]
-        x = ops.reshape(inputs, (-1, hidden))  # (tokens, hidden)
-        token_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,))
-
-        routing = self.router(x, token_mask=token_mask, training=training)
-        indices = routing["expert_indices"]  # (tokens, k)
-        weights = routing["expert_weights"]  # (tokens, k) float32
-        if token_mask is None:
-            valid = ops.ones_like(indices, dtype="bool")
-        else:
-            valid = ops.broadcast_to(ops.expand_dims(token_mask, -1), ops.shape(indices))
-
-        capacity_factor = self._active_capacity_factor(training)
-        if capacity_factor is None:
-            outputs = dispatch.dispatch_dropless(
-                x, indices, weights, valid, self.experts, training=training
-            )
-            dispatched = valid
-        else:
-            outputs, dispatched = self._dispatch_in_groups(
-                x, indices, weights, valid, capacity_factor, training
-            )
-
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_gate is not None:
-                shared = shared * ops.sigmoid(self.shared_gate(x))
-            outputs = outputs + shared
-        if token_mask is not None:
-            outputs = ops.where(ops.expand_dims(token_mask, -1), outputs, ops.zeros((), outputs.dtype))
-
-        if training:
-            self._add_losses(routing, token_mask)
-        self._record_statistics(indices, valid, dispatched)
-
-        outputs = ops.reshape(outputs, input_shape)
-        if not return_routing:
-            return outputs
-        lead = tuple(input_shape[:-1])
-        return outputs, {
-            "router_logits": ops.reshape(routing["router_logits"], lead + (self.num_experts,)),
-            "expert_indices": ops.reshape(indices, lead + (self.top_k,)),
-            "expert_weights": ops.reshape(weights, lead + (self.top_k,)),
-            "dispatched": ops.reshape(dispatched, lead + (self.top_k,)),
-        }
-
-    def _dispatch_in_groups(self, x, indices, weights, valid, capacity_factor, training):
-        """Capacity dispatch over routing groups of `group_size` tokens."""
-        tokens, hidden = ops.shape(x)
-        group_size = self.group_size or tokens
-        if self.group_size is not None:
-            # Pad the tokens to whole groups with invalid (unrouted) tokens.
-            pad = (-tokens) % group_size
-            x = ops.concatenate([x, ops.zeros((pad, hidden), x.dtype)], axis=0)
-            indices = ops.concatenate([indices, ops.zeros((pad, self.top_k), indices.dtype)], axis=0)
-            weights = ops.concatenate([weights, ops.zeros((pad, self.top_k), weights.dtype)], axis=0)
-            valid = ops.concatenate([valid, ops.zeros((pad, self.top_k), "bool")], axis=0)
-
-        def grouped(t):
-            return ops.reshape(t, (-1, group_size) + tuple(ops.shape(t)[1:]))
-
-        capacity = dispatch.compute_capacity(capacity_factor, group_size, self.top_k, self.num_experts)
-        outputs, dispatched = dispatch.dispatch_with_capacity(
-            grouped(x),
-            grouped(indices),
-            grouped(weights),
-            grouped(valid),
-            self.experts,
-            capacity,
-            training=training,
-        )
-        outputs = ops.reshape(outputs, (-1, hidden))[:tokens]
-        dispatched = ops.reshape(dispatched, (-1, self.top_k))[:tokens]
-        return outputs, dispatched
-
-    def _add_losses(self, routing, token_mask):
-        if self.load_balance_loss_weight > 0:
-            self.add_loss(
-                self.load_balance_loss_weight
-                * losses.load_balancing_loss(
-                    routing["router_probs"], routing["expert_indices"], mask=token_mask
-                )
-            )
-        if self.router_z_loss_weight > 0:
-            self.add_loss(
-                self.router_z_loss_weight
-                * losses.router_z_loss(routing["router_logits"], mask=token_mask)
-            )
-
-    def _record_statistics(self, indices, valid, dispatched):
-        served = ops.one_hot(indices, self.num_experts, dtype="float32") * ops.expand_dims(
-            ops.cast(dispatched, "float32"), -1
-        )
-        self.expert_counts.assign(ops.sum(served, axis=(0, 1)))
-        dropped = ops.logical_and(valid, ops.logical_not(dispatched))
-        self.dropped_count.assign(ops.sum(ops.cast(dropped, "float32")))
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def compute_output_spec(self, inputs, training=None, mask=None, return_routing=False):
-        outputs = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
-        if not return_routing:
-            return outputs
-        lead = tuple(inputs.shape[:-1])
-        return outputs, {
-            "router_logits": keras.KerasTensor(lead + (self.num_experts,), dtype="float32"),
-            "expert_indices": keras.KerasTensor(lead + (self.top_k,), dtype="int32"),
-            "expert_weights": keras.KerasTensor(lead + (self.top_k,), dtype="float32"),
-            "dispatched": keras.KerasTensor(lead + (self.top_k,), dtype="bool"),
-        }
+    @property
+    def top_k(self):
+        return self.router.top_k
 
     def get_config(self):
-        config = super().get_config()
+        # Flat, as the constructor takes them (not MoE's nested router/experts).
+        config = keras.layers.Layer.get_config(self)
+        router = self.router
+        noisy = isinstance(router, NoisyTopKRouter)
         config.update(
             {
                 "num_experts": self.num_experts,
-                "intermediate_dim": self.intermediate_dim,
-                "top_k": self.top_k,
-                "activation": keras.activations.serialize(self.activation),
-                "gated": self.gated,
-                "use_bias": self.use_bias,
-                "score_func": self.score_func,
-                "normalize_top_k": self.normalize_top_k,
-                "routed_scaling_factor": self.routed_scaling_factor,
-                "num_groups": self.num_groups,
-                "top_groups": self.top_groups,
+                "top_k": router.top_k,
+                "score_func": router.score_func,
+                "normalize_top_k": router.normalize_top_k,
+                "routed_scaling_factor": router.routed_scaling_factor,
+                "num_groups": router.num_groups,
+                "top_groups": router.top_groups,
                 "capacity_factor": self.capacity_factor,
                 "eval_capacity_factor": self.eval_capacity_factor,
                 "group_size": self.group_size,
-                "shared_intermediate_dim": self.shared_intermediate_dim,
-                "shared_expert_gate": self.shared_expert_gate,
-                "router_bias": self.router_bias,
-                "router_jitter": self.router_jitter,
-                "router_dtype": self.router_dtype,
-                "load_balance_loss_weight": self.load_balance_loss_weight,
-                "router_z_loss_weight": self.router_z_loss_weight,
-                "expert_bias_update_rate": self.expert_bias_update_rate,
-                "expert_dropout": self.expert_dropout,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-                "router_initializer": keras.initializers.serialize(self.router_initializer),
-                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                "router_bias": router.use_bias,
+                "router_jitter": router.jitter,
+                "router_dtype": router.dtype_policy.name,
+                "load_balance_loss_weight": router.initial_loss_weights["load_balance"],
+                "router_z_loss_weight": router.initial_loss_weights["z"],
+                "expert_bias_update_rate": router.expert_bias_update_rate,
+                "batch_prioritized_routing": router.batch_prioritized_routing,
+                "second_expert_policy": router.second_expert_policy,
+                "second_expert_threshold": router.second_expert_threshold,
+                "eval_second_expert_policy": router.eval_second_expert_policy,
+                "noisy_gating": noisy,
+                "noise_epsilon": router.noise_epsilon if noisy else 1e-2,
+                "importance_loss_weight": router.initial_loss_weights.get("importance", 0.0),
+                "load_loss_weight": router.initial_loss_weights.get("load", 0.0),
+                "router_initializer": keras.initializers.serialize(router.kernel_initializer),
                 "seed": self.seed,
+                **feed_forward_config(self),
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+# TopKRouter's defaults of the arguments NoisyTopKRouter refuses to change.
+TOP_K_DEFAULTS = {"score_func": "softmax", "num_groups": 1, "top_groups": None,
+                  "expert_bias_update_rate": 0.0}
+
+
+def feed_forward_parts(
+    num_experts,
+    intermediate_dim,
+    activation,
+    gated,
+    use_bias,
+    expert_dropout,
+    shared_intermediate_dim,
+    shared_expert_gate,
+    kernel_initializer,
+    bias_initializer,
+    seed,
+    dtype,
+):
+    """The `experts`, `shared_expert` and `shared_gate` of the flat-argument layers.
+
+    Shared by `SparseMoE` and `ExpertChoiceMoE` (and `SoftMoE`'s experts), so
+    that their arguments build the same variables under the same paths.
+    """
+    with renamed_arguments(dropout="expert_dropout"):
+        experts = StackedExperts(
+            num_experts=num_experts,
+            intermediate_dim=intermediate_dim,
+            activation=activation,
+            gated=gated,
+            use_bias=use_bias,
+            dropout=expert_dropout,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            seed=seed,
+            dtype=dtype,
+            name="experts",
+        )
+    check_int("shared_intermediate_dim", shared_intermediate_dim, 0)
+    if shared_expert_gate and shared_intermediate_dim == 0:
+        raise ValueError(
+            "`shared_expert_gate=True` needs a shared expert: set "
+            "`shared_intermediate_dim` >= 1. Received: shared_intermediate_dim=0"
+        )
+    shared_expert = shared_gate = None
+    if shared_intermediate_dim:
+        shared_expert = FeedForward(
+            intermediate_dim=shared_intermediate_dim,
+            activation=activation,
+            gated=gated,
+            kernel_initializer=kernel_initializer,
+            dtype=dtype,
+            name="shared_expert",
+        )
+        if shared_expert_gate:
+            shared_gate = keras.layers.Dense(
+                1,
+                use_bias=False,
+                kernel_initializer=kernel_initializer,
+                dtype=dtype,
+                name="shared_gate",
+            )
+    return experts, shared_expert, shared_gate
+
+
+def feed_forward_config(layer):
+    """The config entries `feed_forward_parts` takes, read back from `layer`'s parts."""
+    experts = layer.experts
+    return {
+        "intermediate_dim": experts.intermediate_dim,
+        "activation": keras.activations.serialize(experts.activation),
+        "gated": experts.gated,
+        "use_bias": experts.use_bias,
+        "expert_dropout": experts.dropout,
+        "shared_intermediate_dim": 0 if layer.shared_expert is None
+        else layer.shared_expert.intermediate_dim,
+        "shared_expert_gate": layer.shared_gate is not None,
+        "kernel_initializer": keras.initializers.serialize(experts.kernel_initializer),
+        "bias_initializer": keras.initializers.serialize(experts.bias_initializer),
+    }

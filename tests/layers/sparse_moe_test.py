@@ -34,7 +34,7 @@ def reference_outputs(layer, x, routing):
     w = _np(routing["expert_weights"]).reshape(len(x), -1)
     disp = _np(routing["dispatched"]).reshape(len(x), -1)
     e = layer.experts
-    act = _act(layer.get_config()["activation"])
+    act = _act(layer.experts.get_config()["activation"])
     up, down = _np(e.up_kernel), _np(e.down_kernel)
     gate = _np(e.gate_kernel) if e.gate_kernel is not None else None
     bias = lambda v, i: 0.0 if v is None else _np(v)[i]  # noqa: E731
@@ -391,7 +391,10 @@ def test_fit_includes_aux_losses_and_learns():
 def test_fit_with_partial_batches(capacity_factor):
     """A last partial batch makes TensorFlow retrace with an unknown batch size."""
     model = keras.Sequential(
-        [keras.Input((3, HIDDEN)), SparseMoE(4, 8, capacity_factor=capacity_factor, group_size=4)]
+        [
+            keras.Input((3, HIDDEN)),
+            SparseMoE(4, 8, capacity_factor=capacity_factor, group_size=capacity_factor and 4),
+        ]
     )
     model.compile(optimizer="adam", loss="mse")
     x = _inputs((21, 3, HIDDEN))
