@@ -21,7 +21,8 @@ goes, against its training time, and per domain at the end; draws the curves
 and, for every MoE block, a heatmap of the share of each domain's tokens each
 expert gets; and samples text from both models from a prompt per domain.
 
-Runs on JAX by default; choose another backend with `KERAS_BACKEND`:
+Needs keras-hub (`pip install -e ".[jax,examples]"`). Runs on JAX by
+default; choose another backend with `KERAS_BACKEND`:
 
     nice python examples/moe_language_model.py          # full run (see the docs page)
     KERAS_BACKEND=torch python examples/moe_language_model.py --smoke   # seconds

@@ -15,6 +15,11 @@ MODULES = [
     "keras_moe.experts.stacked_experts",
     "keras_moe.experts.feed_forward",
     "keras_moe.experts.initializers",
+    "keras_moe.experts.activations",
+    "keras_moe.layers.moe_transformer",
+    "keras_moe.integrations.keras_hub.layers",
+    "keras_moe.integrations.keras_hub.sparsify",
+    "keras_moe.integrations.keras_hub.upcycle",
     "keras_moe.losses.router_losses",
 ]
 

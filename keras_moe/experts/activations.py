@@ -51,11 +51,11 @@ class ClampedSwiGLU(GatedActivation):
         limit: float > 0, the clamp. Defaults to 7.0.
 
     Examples:
-        >>> import numpy as np
+        >>> import keras, numpy as np
         >>> act = ClampedSwiGLU()
         >>> gate = np.array([0.0, 1.0, 100.0], "float32")
         >>> up = np.array([1.0, 0.0, -100.0], "float32")
-        >>> np.round(np.asarray(act(gate, up)), 3).tolist()
+        >>> [round(float(v), 3) for v in keras.ops.convert_to_numpy(act(gate, up))]
         [0.0, 0.846, -42.0]
 
     References:

@@ -149,3 +149,19 @@ def test_sparsify_rejects_what_it_cannot_convert():
     )
     with pytest.raises(ValueError, match="see `upcycle`"):
         sparsify(dense)
+
+
+def test_sparsify_keeps_the_dtype_policy():
+    backbone = keras_hub.models.MixtralBackbone(
+        vocabulary_size=hub_models.VOCAB, num_layers=1, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=8, intermediate_dim=8, num_experts=4, top_k=2,
+        dtype="mixed_bfloat16",
+    )
+    sparsify(backbone)
+    moe = backbone.transformer_layers[0]._sparse_moe_block.moe
+    assert moe.compute_dtype == "bfloat16"
+    assert moe.experts.up_kernel.dtype == "float32"  # mixed precision: float32 variables
+    assert moe.router.compute_dtype == "float32"  # the router stays float32
+    outputs = backbone(hub_models.inputs("mixtral"))
+    assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
+    assert np.isfinite(_numpy(ops.cast(outputs, "float32"))).all()

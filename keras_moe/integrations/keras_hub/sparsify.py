@@ -130,9 +130,8 @@ surgery.CONVERSIONS["sparsify"] = _sparsify_backbone
 
 def _sparsify_decoder(decoder, options):
     """Converts the MoE blocks of one decoder; returns how many."""
-    from keras_hub.src.models.gemma4.gemma4_moe import Gemma4MoEBlock
-
-    if isinstance(getattr(decoder, "moe_expert_bank", None), Gemma4MoEBlock):
+    gemma4_bank = surgery.keras_hub_classes(("gemma4.gemma4_moe", "Gemma4MoEBlock"))
+    if gemma4_bank and isinstance(getattr(decoder, "moe_expert_bank", None), gemma4_bank):
         _sparsify_gemma4(decoder, options)
         return 1
     converted = 0
@@ -151,20 +150,15 @@ def _sparsify_decoder(decoder, options):
 
 
 def _converter(block):
-    from keras_hub.src.models.gpt_oss.gpt_oss_decoder import GptOssSparseMoeBlock
-    from keras_hub.src.models.mixtral.mixtral_decoder import MixtralSparseMoeBlock
-    from keras_hub.src.models.qwen3_5_moe.qwen3_5_moe_decoder import Qwen3_5MoeSparseMoeBlock
-    from keras_hub.src.models.qwen3_moe.qwen3_moe_decoder import Qwen3SparseMoeBlock
-    from keras_hub.src.models.qwen_moe.qwen_moe_decoder import QwenSparseMoeBlock
-
-    for cls, converter in (
-        (MixtralSparseMoeBlock, _mixtral),
-        (QwenSparseMoeBlock, _qwen_moe),
-        (Qwen3SparseMoeBlock, _qwen3_moe),
-        (Qwen3_5MoeSparseMoeBlock, _qwen3_5_moe),
-        (GptOssSparseMoeBlock, _gpt_oss),
+    for module, name, converter in (
+        ("mixtral.mixtral_decoder", "MixtralSparseMoeBlock", _mixtral),
+        ("qwen_moe.qwen_moe_decoder", "QwenSparseMoeBlock", _qwen_moe),
+        ("qwen3_moe.qwen3_moe_decoder", "Qwen3SparseMoeBlock", _qwen3_moe),
+        ("qwen3_5_moe.qwen3_5_moe_decoder", "Qwen3_5MoeSparseMoeBlock", _qwen3_5_moe),
+        ("gpt_oss.gpt_oss_decoder", "GptOssSparseMoeBlock", _gpt_oss),
     ):
-        if isinstance(block, cls):
+        cls = surgery.keras_hub_class(module, name)
+        if cls is not None and isinstance(block, cls):
             return converter
     return None
 

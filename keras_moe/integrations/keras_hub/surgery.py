@@ -242,3 +242,23 @@ def transformer_layers(backbone):
             "keras-hub decoder backbones (Mixtral, Qwen, Llama, Gemma, ...)."
         )
     return list(layers)
+
+
+def keras_hub_class(module, name):
+    """`keras_hub.src.models.<module>.<name>`, or None if this keras-hub lacks it.
+
+    Model families arrive in different keras-hub releases; a conversion
+    supports the families the installed keras-hub has.
+    """
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"keras_hub.src.models.{module}"), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def keras_hub_classes(*specs):
+    """The classes of `(module, name)` specs this keras-hub has, as a tuple."""
+    classes = (keras_hub_class(module, name) for module, name in specs)
+    return tuple(cls for cls in classes if cls is not None)

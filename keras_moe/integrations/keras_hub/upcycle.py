@@ -62,7 +62,7 @@ def upcycle(model, num_experts, top_k, every=1, **options):
         `model`, converted.
 
     Examples:
-        >>> import numpy as np, keras_hub
+        >>> import keras, numpy as np, keras_hub
         >>> from keras_moe.integrations.keras_hub import upcycle
         >>> backbone = keras_hub.models.LlamaBackbone(
         ...     vocabulary_size=64, num_layers=2, num_query_heads=2,
@@ -70,9 +70,10 @@ def upcycle(model, num_experts, top_k, every=1, **options):
         ... )
         >>> inputs = {"token_ids": np.ones((1, 5), "int32"),
         ...           "padding_mask": np.ones((1, 5), "int32")}
-        >>> dense = np.asarray(backbone(inputs))
+        >>> dense = keras.ops.convert_to_numpy(backbone(inputs))
         >>> backbone = upcycle(backbone, num_experts=4, top_k=2)
-        >>> bool(np.allclose(np.asarray(backbone(inputs)), dense, atol=1e-5))
+        >>> moe = keras.ops.convert_to_numpy(backbone(inputs))
+        >>> bool(np.allclose(moe, dense, atol=1e-5))
         True
 
     References:
@@ -150,28 +151,23 @@ def _upcycle_decoder(decoder, mixin, projections, activation, num_experts, top_k
 
 def _family(decoder):
     """`(call mixin, (gate, up, down) attribute names, activation)` or None."""
-    from keras_hub.src.models.gemma.gemma_decoder_block import GemmaDecoderBlock
-    from keras_hub.src.models.llama.llama_decoder import LlamaTransformerDecoder
-    from keras_hub.src.models.mistral.mistral_transformer_decoder import (
-        MistralTransformerDecoder,
-    )
-    from keras_hub.src.models.qwen.qwen_decoder import QwenTransformerDecoder
-    from keras_hub.src.models.qwen3.qwen3_decoder import Qwen3TransformerDecoder
-
     if isinstance(decoder, (_MoELlamaCall, _MoEGemmaCall)):
         return None
-    if isinstance(
-        decoder,
-        (LlamaTransformerDecoder, MistralTransformerDecoder, QwenTransformerDecoder,
-         Qwen3TransformerDecoder),
-    ):
+    llama_family = surgery.keras_hub_classes(
+        ("llama.llama_decoder", "LlamaTransformerDecoder"),
+        ("mistral.mistral_transformer_decoder", "MistralTransformerDecoder"),
+        ("qwen.qwen_decoder", "QwenTransformerDecoder"),
+        ("qwen3.qwen3_decoder", "Qwen3TransformerDecoder"),
+    )
+    gemma = surgery.keras_hub_classes(("gemma.gemma_decoder_block", "GemmaDecoderBlock"))
+    if llama_family and isinstance(decoder, llama_family):
         projections = (
             "_feedforward_gate_dense",
             "_feedforward_intermediate_dense",
             "_feedforward_output_dense",
         )
         return _MoELlamaCall, projections, lambda d: d.activation
-    if isinstance(decoder, GemmaDecoderBlock):
+    if gemma and isinstance(decoder, gemma):
         return _MoEGemmaCall, ("gating_ffw", "gating_ffw_2", "ffw_linear"), lambda d: gelu_approximate
     return None
 
