@@ -160,9 +160,6 @@ class _MoETransformerBlock(keras.layers.Layer):
             return None  # not a per-token mask of these inputs
         return keras.ops.cast(mask, "bool")
 
-    def compute_output_shape(self, inputs_shape, *args, **kwargs):
-        return inputs_shape
-
     def get_config(self):
         config = super().get_config()
         config.update(
