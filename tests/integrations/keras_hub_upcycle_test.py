@@ -136,3 +136,19 @@ def test_upcycle_rejects_bad_arguments():
     upcycle(backbone, num_experts=2, top_k=1)
     with pytest.raises(ValueError, match="already upcycled"):
         upcycle(backbone, num_experts=2, top_k=1)
+
+
+@pytest.mark.parametrize("name", ["QwenBackbone", "Qwen3Backbone"])
+def test_upcycled_qwen_decoders_start_as_dense(name):
+    # Qwen and Qwen3 decoders share the Llama decoders' `call` line for line.
+    extra = {"head_dim": 8} if name == "Qwen3Backbone" else {}
+    backbone = getattr(keras_hub.models, name)(
+        **_COMMON, num_layers=1, hidden_dim=16, intermediate_dim=24, **extra
+    )
+    _randomize(backbone)
+    x = hub_models.inputs("qwen")
+    real = x["padding_mask"].astype(bool)
+    dense = _numpy(backbone(x))
+    upcycle(backbone, num_experts=4, top_k=2)
+    assert type(backbone.transformer_layers[0]).__name__.startswith("MoEQwen")
+    np.testing.assert_allclose(_numpy(backbone(x))[real], dense[real], atol=1e-5, rtol=0)
