@@ -283,6 +283,26 @@ def train(model, config, streams, seed, label):
     return tracker
 
 
+def interleaved_step_times(models, config, streams, rounds):
+    """Median training-step time of each model, measured in turns.
+
+    The training curves time each model while it trains, one after the
+    other; on a shared machine the load can change in between. Here every
+    round runs a few steps of each model in turn (A B A B ...), so both see
+    the same load.
+    """
+    rng = np.random.default_rng(3000)
+    x, y = windows(streams, "train", config["batch"], config["seq"], rng)
+    times = {label: [] for label in models}
+    for _ in range(rounds):
+        for label, model in models.items():
+            start = time.perf_counter()
+            for _ in range(3):
+                model.train_on_batch(x, y)
+            times[label].append((time.perf_counter() - start) / 3)
+    return {label: 1e3 * float(np.median(t)) for label, t in times.items()}
+
+
 def per_domain(model, config, streams):
     """Validation perplexity per domain, and each MoE block's expert shares."""
     perplexity, usage = {}, {}
@@ -410,26 +430,30 @@ def main():
     )
     print("domains (train bytes): " + ", ".join(f"{d} {len(streams[d][0])}" for d in DOMAINS))
 
-    trackers, results, samples, sizes = {}, {}, {}, {}
+    trackers, results, samples, sizes, models = {}, {}, {}, {}, {}
     for label, moe in (("MoE", True), ("dense", False)):
         keras.utils.set_random_seed(args.seed)
-        model = language_model(config, moe)
+        model = models[label] = language_model(config, moe)
         sizes[label] = (model.count_params(), active_parameters(model, config))
         print(f"{label}: {sizes[label][0]:,} parameters, {sizes[label][1]:,} active per token")
         trackers[label] = train(model, config, streams, args.seed, label)
         results[label] = per_domain(model, config, streams)
         samples[label] = sample(model, tokenizer, config, np.random.default_rng(args.seed))
 
-    print("\n| model | parameters (active) | median step ms | train s | "
+    step_ms = interleaved_step_times(models, config, streams, 1 if args.smoke else 7)
+    print(
+        "\nValidation perplexity per byte; step ms: median while training (the first, "
+        "compiling step left out) / interleaved after training (same load for both)."
+    )
+    print("\n| model | parameters (active) | step ms | train s | "
           + " | ".join(DOMAINS) + " | all |")
     print("|---" * (len(DOMAINS) + 5) + "|")
     for label, tracker in trackers.items():
         model_ppl = results[label][0]
-        # The first step compiles; it is left out of the median.
         print(
             f"| {label} | {sizes[label][0]:,} ({sizes[label][1]:,}) | "
-            f"{1e3 * np.median(tracker.step_times[1:] or tracker.step_times):.1f} | "
-            f"{tracker.train_seconds:.0f} | "
+            f"{1e3 * np.median(tracker.step_times[1:] or tracker.step_times):.0f} / "
+            f"{step_ms[label]:.0f} | {tracker.train_seconds:.0f} | "
             + " | ".join(f"{model_ppl[d]:.3f}" for d in DOMAINS)
             + f" | {tracker.history[-1][2]:.3f} |"
         )
