@@ -136,3 +136,28 @@ class renamed_arguments:
         if message != str(exc):
             raise ValueError(message) from None
         return False
+
+
+def is_per_stage(value):
+    """Whether layer widths `value` are given per stage: a list holding a list."""
+    return isinstance(value, (list, tuple)) and any(
+        isinstance(spec, (list, tuple)) for spec in value
+    )
+
+
+def check_units_per_stage(name, value, num_stages):
+    """Layer widths for each of `num_stages` stages, as a tuple of tuples of ints.
+
+    `value` is either one spec for every stage (an int >= 1 or a list of
+    them, as `check_units` takes) or a list of `num_stages` specs, one per
+    stage, at least one of them itself a list: `[[64, 32], [32]]` gives the
+    first stage two layers and the second one.
+    """
+    if not is_per_stage(value):
+        return (check_units(name, value),) * num_stages
+    if len(value) != num_stages:
+        raise ValueError(
+            f"`{name}` given per stage must have one entry per stage ({num_stages}), "
+            f"each a positive integer or a non-empty list of them. Received: {name}={value!r}"
+        )
+    return tuple(check_units(f"{name}[{i}]", spec) for i, spec in enumerate(value))

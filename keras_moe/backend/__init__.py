@@ -9,3 +9,4 @@ from keras_moe.backend.grouped_matmul import grouped_matmul
 from keras_moe.backend.grouped_matmul import has_grouped_matmul
 from keras_moe.backend.grouped_matmul import keep_only_matmuls
 from keras_moe.backend.grouped_matmul import on_accelerator
+from keras_moe.backend.expert_parallel import dropless as expert_parallel_dropless

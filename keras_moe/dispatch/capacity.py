@@ -17,6 +17,8 @@ import math
 
 from keras import ops
 
+from keras_moe.distribution import sharding as distribution
+
 
 def compute_capacity(capacity_factor, tokens_per_group, top_k, num_experts):
     """`ceil(cf * tokens_per_group * top_k / num_experts)`, at least 1.
@@ -195,9 +197,16 @@ def dispatch_to_slots(x, slots, expert_weights, dispatched, experts, capacity, t
     Returns:
         `outputs (groups, S, hidden)`.
     """
-    buffer = gather_slots(x, slots, experts.num_experts, capacity)
-    y = experts(buffer, training=training)  # (groups, E, C, hidden)
-    return combine_slots(y, slots, expert_weights, dispatched)
+    num_experts, groups = experts.num_experts, ops.shape(x)[0]
+    # Under expert parallelism each device fills the buffers of its own
+    # groups, the buffers move to their experts' devices and back (two
+    # all-to-alls), and each device combines its groups; without it these
+    # wrappers and constraints are no-ops.
+    gather = distribution.per_group(lambda x, s: gather_slots(x, s, num_experts, capacity), groups)
+    buffer = distribution.shard_experts(gather(x, slots))
+    y = distribution.shard_experts(experts(buffer, training=training))  # (groups, E, C, hidden)
+    combine = distribution.per_group(combine_slots, groups)
+    return combine(distribution.shard_groups(y), slots, expert_weights, dispatched)
 
 
 def dispatch_with_capacity(
@@ -218,8 +227,13 @@ def dispatch_with_capacity(
     Returns:
         `(outputs (groups, S, hidden), dispatched (groups, S, k) bool)`.
     """
-    slots, dispatched = capacity_slots(
-        expert_indices, valid, experts.num_experts, capacity, priority=priority
-    )
+    def slots_of(expert_indices, valid, *priority):
+        return capacity_slots(
+            expert_indices, valid, experts.num_experts, capacity, priority=(priority or (None,))[0]
+        )
+
+    extra = () if priority is None else (priority,)
+    groups = ops.shape(expert_indices)[0]
+    slots, dispatched = distribution.per_group(slots_of, groups)(expert_indices, valid, *extra)
     outputs = dispatch_to_slots(x, slots, expert_weights, dispatched, experts, capacity, training)
     return outputs, dispatched

@@ -3,16 +3,14 @@
 import keras
 from keras import ops
 
-from keras_moe.layers._multitask_experts import StackedMLP
-from keras_moe.layers._multitask_experts import softmax_gates
-from keras_moe.layers._multitask_experts import weights_config
+from keras_moe.layers.multi_task_mixture import MultiTaskMixture
+from keras_moe.layers.multi_task_mixture import mix
+from keras_moe.layers.multi_task_mixture import softmax_gates
 from keras_moe.validation import check_int
-from keras_moe.validation import check_rate
-from keras_moe.validation import check_units
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class MMoE(keras.layers.Layer):
+class MMoE(MultiTaskMixture):
     """Multi-gate Mixture-of-Experts layer for multi-task learning.
 
     `num_experts` expert MLPs all read the layer input. Each of the
@@ -66,9 +64,9 @@ class MMoE(keras.layers.Layer):
             `name` and `dtype`.
 
     Call arguments:
-        inputs: tensor of shape `(batch, ..., features)`.
-        training: bool. Whether dropout is active.
-        return_gates: bool. If `True`, also return the gate weights.
+        - `inputs`: tensor of shape `(batch, ..., features)`.
+        - `training`: bool. Whether dropout is active.
+        - `return_gates`: bool. If `True`, also return the gate weights.
 
     Returns:
         A list of `num_tasks` tensors of shape `(batch, ..., expert_units[-1])`.
@@ -76,24 +74,24 @@ class MMoE(keras.layers.Layer):
         a list of `num_tasks` float32 tensors `(batch, ..., num_experts)`
         whose rows sum to 1.
 
-    Example:
+    Examples:
+        >>> import numpy as np
+        >>> import keras
+        >>> x = np.random.normal(size=(32, 100)).astype("float32")
+        >>> mmoe = MMoE(num_tasks=2, num_experts=8, expert_units=16)
+        >>> task_a, task_b = mmoe(x)
+        >>> tuple(task_a.shape)
+        (32, 16)
+        >>> outputs, gates = mmoe(x, return_gates=True)
+        >>> [tuple(g.shape) for g in gates]
+        [(32, 8), (32, 8)]
 
-    ```python
-    import numpy as np
-    import keras
-    import keras_moe
+        In a functional model, with one tower per task:
 
-    x = np.random.normal(size=(32, 100)).astype("float32")
-    mmoe = keras_moe.layers.MMoE(num_tasks=2, num_experts=8, expert_units=16)
-    task_a, task_b = mmoe(x)  # two (32, 16) tensors
-    outputs, gates = mmoe(x, return_gates=True)  # gates: two (32, 8)
-
-    # In a functional model, with one tower per task.
-    inputs = keras.Input(shape=(100,))
-    towers = keras_moe.layers.MMoE(2, 8, [32, 16])(inputs)
-    outputs = [keras.layers.Dense(1)(t) for t in towers]
-    model = keras.Model(inputs, outputs)
-    ```
+        >>> inputs = keras.Input(shape=(100,))
+        >>> towers = MMoE(2, 8, [32, 16])(inputs)
+        >>> outputs = [keras.layers.Dense(1)(t) for t in towers]
+        >>> model = keras.Model(inputs, outputs)
 
     References:
         - [Ma et al., 2018. Modeling Task Relationships in Multi-task
@@ -121,48 +119,24 @@ class MMoE(keras.layers.Layer):
             # Keras would derive "m_mo_e" from the class name.
             uid = keras.backend.get_uid("mmoe")
             kwargs["name"] = "mmoe" if uid == 1 else f"mmoe_{uid - 1}"
-        super().__init__(**kwargs)
-        self.num_tasks = check_int("num_tasks", num_tasks, 1)
+        super().__init__(
+            num_tasks,
+            expert_units,
+            gate_units=gate_units,
+            expert_activation=expert_activation,
+            gate_activation=gate_activation,
+            use_bias=use_bias,
+            dropout=dropout,
+            kernel_initializer=kernel_initializer,
+            gate_initializer=gate_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            **kwargs,
+        )
         self.num_experts = check_int("num_experts", num_experts, 1)
-        self.expert_units = check_units("expert_units", expert_units)
-        self.gate_units = check_units(
-            "gate_units", gate_units, allow_empty=True
-        )
-        self.expert_activation = keras.activations.get(expert_activation)
-        self.gate_activation = keras.activations.get(gate_activation)
-        self.use_bias = bool(use_bias)
-        self.dropout = check_rate("dropout", dropout)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.gate_initializer = keras.initializers.get(gate_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-
-        common = dict(
-            use_bias=self.use_bias,
-            kernel_initializer=self.kernel_initializer,
-            bias_initializer=self.bias_initializer,
-            kernel_regularizer=self.kernel_regularizer,
-            bias_regularizer=self.bias_regularizer,
-            dtype=self.dtype_policy,
-        )
-        self.experts = StackedMLP(
-            self.num_experts,
-            self.expert_units,
-            activation=self.expert_activation,
-            dropout=self.dropout,
-            name="experts",
-            **common,
-        )
-        self.gates = StackedMLP(
-            self.num_tasks,
-            self.gate_units + (self.num_experts,),
-            activation=self.gate_activation,
-            activate_output=False,
-            output_kernel_initializer=self.gate_initializer,
-            name="gates",
-            **common,
-        )
+        self.experts = self.expert_stack(self.num_experts)
+        self.gates = self.gate_stack(self.num_tasks, self.num_experts, "gates")
 
     def build(self, input_shape):
         self.experts.build(input_shape)
@@ -172,11 +146,8 @@ class MMoE(keras.layers.Layer):
         expert_outputs = self.experts(inputs, training=training)
         # expert_outputs: (..., num_experts, units)
         gates = softmax_gates(self.gates(inputs))  # (..., num_tasks, experts)
-        mixed = ops.einsum(
-            "...te,...eu->...tu",
-            ops.cast(gates, expert_outputs.dtype),
-            expert_outputs,
-        )  # (..., num_tasks, units)
+        mixed = mix(gates, expert_outputs, "...te,...eu->...tu")
+        # mixed: (..., num_tasks, units)
         outputs = list(ops.unstack(mixed, num=self.num_tasks, axis=-2))
         if return_gates:
             return outputs, list(ops.unstack(gates, num=self.num_tasks, axis=-2))
@@ -202,22 +173,5 @@ class MMoE(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "num_tasks": self.num_tasks,
-                "num_experts": self.num_experts,
-                "expert_units": list(self.expert_units),
-                "gate_units": list(self.gate_units),
-                "expert_activation": keras.activations.serialize(
-                    self.expert_activation
-                ),
-                "gate_activation": keras.activations.serialize(
-                    self.gate_activation
-                ),
-                **weights_config(self),
-                "gate_initializer": keras.initializers.serialize(
-                    self.gate_initializer
-                ),
-            }
-        )
+        config["num_experts"] = self.num_experts
         return config

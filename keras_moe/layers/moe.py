@@ -3,11 +3,26 @@
 import keras
 from keras import ops
 
+from keras_moe import backend as fast
 from keras_moe import compat
 from keras_moe import dispatch
+from keras_moe import distribution
 from keras_moe.routers.base import Router
 from keras_moe.validation import check_int
 from keras_moe.validation import check_positive
+
+#: The non-trainable variables `MoE.routing_statistics` reads, in the order
+#: `build` creates them (after the older state).
+TRAINING_STATISTICS = (
+    "assignment_counts",
+    "average_load",
+    "training_steps",
+    "dropped_fraction",
+    "router_entropy",
+    "router_confidence",
+    "aux_loss_values",
+    "accumulated_counts",
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -35,17 +50,23 @@ class MoE(keras.layers.Layer):
     either (so they take no capacity from finite tokens), output NaN and are
     counted in `nonfinite_count`. Assignments dropped by capacity are
     counted in `dropped_count`; `expert_counts` holds the assignments each
-    expert computed in the latest call.
+    expert computed in the latest call. Training calls also keep routing
+    statistics (assignments per expert before capacity and their running
+    average, the dropped fraction, router entropy and confidence, the
+    unweighted auxiliary losses) in non-trainable variables; see
+    `routing_statistics`, `keras_moe.routing_stats` and
+    `keras_moe.callbacks`.
 
     `SparseMoE` and `SwitchFFN` are this layer with a `TopKRouter` and
     `StackedExperts` built from flat arguments.
 
     Args:
         router: a `keras_moe.routers.Router`.
-        experts: the experts: a `keras_moe.experts.StackedExperts` or any
-            layer with the same protocol (`num_experts`, and `call` on
-            capacity buffers `(..., E, C, hidden)`; see the docs' "Custom
-            experts").
+        experts: the experts: a `keras_moe.experts.StackedExperts`, a
+            subclass of `keras_moe.experts.Experts`, or any layer with
+            `num_experts` and `call` on capacity buffers `(..., E, C,
+            hidden)` (then a capacity factor is needed; see
+            `keras_moe.experts.base` for the protocol).
         capacity_factor: float > 0 or `None` (dropless). Defaults to `None`.
         eval_capacity_factor: float > 0 or `None` (same as
             `capacity_factor`), used when not training. Defaults to `None`.
@@ -88,8 +109,13 @@ class MoE(keras.layers.Layer):
         - flaxformer's `moe_layers.py`: the router / dispatch / experts split.
     """
 
-    #: Variables added after the first release (see `keras_moe.compat`).
-    added_variables = ("nonfinite_count",)
+    #: Variables added after the first release, in the order they were added
+    #: (see `keras_moe.compat`).
+    added_variables = ("nonfinite_count",) + TRAINING_STATISTICS
+    #: Momentum of `average_load`: a plain mean over the first
+    #: `1 / (1 - momentum)` training calls, an exponential moving average
+    #: after them.
+    statistics_momentum = 0.99
 
     def __init__(
         self,
@@ -129,6 +155,14 @@ class MoE(keras.layers.Layer):
                     f"is dropless and would ignore it. Received: group_size={group_size}, "
                     "capacity_factor=None, eval_capacity_factor=None"
                 )
+        if capacity_factor is None and not router.names_slots and not supports_dropless(experts):
+            raise ValueError(
+                "Dropless dispatch (`capacity_factor=None`) needs experts that run on rows "
+                f"without a capacity buffer ({', '.join(DROPLESS_METHODS)}); "
+                f"{type(experts).__name__} has only `call` on capacity buffers. Pass a "
+                "`capacity_factor`, or subclass `keras_moe.experts.Experts`, which provides "
+                "them from one formula."
+            )
         if shared_gate is not None and shared_expert is None:
             raise ValueError("`shared_gate` needs a `shared_expert`. Received: shared_expert=None")
         self.router = router
@@ -180,6 +214,16 @@ class MoE(keras.layers.Layer):
         self.nonfinite_count = self.add_weight(
             name="nonfinite_count", shape=(), initializer="zeros", dtype="float32", trainable=False
         )
+        # Statistics of training calls (`routing_statistics`), created after
+        # the older state so that earlier `.keras` files still load.
+        num_losses = len(self.router.loss_names)
+        shapes = {"assignment_counts": (self.num_experts,), "average_load": (self.num_experts,),
+                  "aux_loss_values": (num_losses,), "accumulated_counts": (self.num_experts,)}
+        for name in TRAINING_STATISTICS:
+            setattr(self, name, self.add_weight(
+                name=name, shape=shapes.get(name, ()), initializer="zeros", dtype="float32",
+                trainable=False,
+            ))
 
     def load_own_variables(self, store):
         compat.load_own_variables(self, store, self.added_variables)
@@ -210,10 +254,16 @@ class MoE(keras.layers.Layer):
         grouped = capacity_factor is not None or self.router.names_slots
         group_size = self.group_size if grouped else None
         x_groups, mask_groups = self._to_groups(x, token_mask, group_size)
+        if grouped:
+            # Expert parallelism: each device routes its own groups.
+            x_groups = distribution.shard_groups(x_groups)
+            mask_groups = None if mask_groups is None else distribution.shard_groups(mask_groups)
         router_groups = x_groups
         if router_inputs is not None:
             router_flat = ops.reshape(ops.convert_to_tensor(router_inputs), (-1, hidden))
             router_groups, _ = self._to_groups(router_flat, token_mask, group_size)
+            if grouped:
+                router_groups = distribution.shard_groups(router_groups)
         plan = self.router(router_groups, token_mask=mask_groups, training=training)
         flat = lambda t: ops.reshape(t, (-1,) + tuple(ops.shape(t)[2:]))[:tokens]  # noqa: E731
 
@@ -228,10 +278,12 @@ class MoE(keras.layers.Layer):
             outputs = flat(outputs)
         elif capacity_factor is None:
             dispatched = plan.dispatch_mask
-            outputs = dispatch.dispatch_dropless(
-                x, flat(plan.expert_indices), flat(plan.expert_weights), flat(dispatched),
-                self.experts, training=training,
-            )
+            assignments = (flat(plan.expert_indices), flat(plan.expert_weights), flat(dispatched))
+            # Under expert parallelism (JAX): tokens travel to their experts'
+            # devices; elsewhere `None`, and the single-device dispatch runs.
+            outputs = fast.expert_parallel_dropless(x, *assignments, self.experts, training=training)
+            if outputs is None:
+                outputs = dispatch.dispatch_dropless(x, *assignments, self.experts, training=training)
         else:
             k = ops.shape(plan.expert_indices)[-1]
             capacity = dispatch.compute_capacity(
@@ -261,6 +313,8 @@ class MoE(keras.layers.Layer):
         # for a real one.
         outputs = ops.where(ops.expand_dims(nonfinite, -1), ops.full((), float("nan"), outputs.dtype), outputs)
         self._record_statistics(expert_indices, dispatch_mask, dispatched, nonfinite)
+        if training:
+            self._record_training_statistics(plan, expert_indices, dispatch_mask, dispatched, routed)
 
         outputs = ops.reshape(outputs, input_shape)
         if not return_routing:
@@ -274,15 +328,7 @@ class MoE(keras.layers.Layer):
         }
 
     def _check_mask_shape(self, inputs, mask):
-        if mask is None:
-            return
-        expected, got = tuple(inputs.shape[:-1]), tuple(mask.shape)
-        if not _compatible_shapes(expected, got):
-            raise ValueError(
-                f"{self.__class__.__name__}: `mask` must have the shape of the inputs without "
-                f"their last (hidden) dimension, {expected}. Received: mask.shape={got} for "
-                f"inputs.shape={tuple(inputs.shape)}"
-            )
+        check_mask_shape(self, inputs, mask)
 
     def _check_router_inputs_shape(self, inputs, router_inputs):
         if router_inputs is None:
@@ -322,6 +368,115 @@ class MoE(keras.layers.Layer):
         dropped = ops.logical_and(dispatch_mask, ops.logical_not(dispatched))
         self.dropped_count.assign(ops.sum(ops.cast(dropped, "float32")))
         self.nonfinite_count.assign(ops.sum(ops.cast(nonfinite, "float32")))
+
+    def _record_training_statistics(self, plan, expert_indices, dispatch_mask, dispatched, routed):
+        """Updates the statistics of training calls from the plan of this call.
+
+        `expert_indices`, `dispatch_mask`, `dispatched` are `(T, k)` and
+        `routed` `(T,)`, flat over the call's real tokens. Only routed tokens
+        count; the work is one segment sum over the `T * k` assignments and
+        elementwise math on the `(T, E)` router probabilities.
+        """
+        num_experts = self.num_experts
+        tokens = ops.shape(routed)[0]
+        # Assignments per expert before capacity (`E` collects masked ones).
+        chosen = ops.reshape(ops.where(dispatch_mask, expert_indices, num_experts), (-1,))
+        counts = ops.segment_sum(
+            ops.ones_like(chosen, dtype="float32"), chosen, num_segments=num_experts + 1,
+            sorted=False,
+        )[:num_experts]  # (E,)
+        total = ops.sum(counts)
+        seen = total > 0
+        load = counts / ops.maximum(total, 1.0)
+        steps = self.training_steps + ops.cast(seen, "float32")
+        # A plain mean at first (no bias toward the zero start), then an EMA.
+        rate = ops.maximum(1.0 / ops.maximum(steps, 1.0), 1.0 - self.statistics_momentum)
+        average = self.average_load + ops.cast(seen, "float32") * rate * (load - self.average_load)
+        dropped = ops.sum(ops.cast(ops.logical_and(dispatch_mask, ops.logical_not(dispatched)), "float32"))
+
+        # Entropy and confidence of the router's distribution (scores
+        # normalized to sum 1, as for sigmoid routers), over routed tokens.
+        probs = ops.stop_gradient(ops.cast(plan.router_probs, "float32"))
+        probs = ops.reshape(probs, (-1, num_experts))[:tokens]  # (T, E)
+        probs = probs / ops.maximum(ops.sum(probs, axis=-1, keepdims=True), 1e-20)
+        entropy = -ops.sum(probs * ops.log(ops.maximum(probs, 1e-20)), axis=-1)  # (T,)
+        confidence = ops.max(probs, axis=-1)  # (T,)
+        num_routed = ops.maximum(ops.sum(ops.cast(routed, "float32")), 1.0)
+        zero = ops.zeros((), "float32")
+        mean_over_routed = lambda v: ops.sum(ops.where(routed, v, zero)) / num_routed  # noqa: E731
+
+        self.assignment_counts.assign(counts)
+        self.average_load.assign(average)
+        self.training_steps.assign(steps)
+        self.dropped_fraction.assign(dropped / ops.maximum(total, 1.0))
+        self.router_entropy.assign(mean_over_routed(entropy))
+        self.router_confidence.assign(mean_over_routed(confidence))
+        self.accumulated_counts.assign(self.accumulated_counts + counts)
+        aux_losses = plan.aux_losses or {}
+        if self.router.loss_names and aux_losses:
+            # A loss the router did not compute this call keeps its value.
+            values = [
+                ops.cast(ops.stop_gradient(aux_losses[name]), "float32") if name in aux_losses
+                else self.aux_loss_values[i]
+                for i, name in enumerate(self.router.loss_names)
+            ]
+            self.aux_loss_values.assign(ops.stack(values))
+
+    def routing_statistics(self):
+        """The routing statistics of this layer's training calls.
+
+        Updated by every call with `training=True` (inference calls leave
+        them alone, so validation inside `fit` does not overwrite them) from
+        the routing plan, counting routed tokens only: masked tokens and
+        tokens with non-finite router logits are left out. This is the
+        statistics protocol `keras_moe.routing_stats` and the callbacks of
+        `keras_moe.callbacks` read; see the "Monitoring routing" docs page.
+
+        On JAX, `fit` keeps the model state outside the variables during an
+        epoch: call this through `keras_moe.routing_stats(model)` or, in a
+        callback, through `self.model`.
+
+        Returns:
+            A dict of NumPy arrays and Python numbers:
+            `assignment_counts` `(E,)`, the assignments routed to each
+            expert in the latest training call, before capacity;
+            `expert_load` `(E,)`, the same as shares of all assignments;
+            `average_load` `(E,)`, the running average of `expert_load`
+            (a mean over the first 100 training calls, then an exponential
+            moving average with momentum `statistics_momentum`);
+            `load_max_mean_ratio`, the busiest expert's count over the mean
+            count (1.0 when balanced, `E` when one expert takes everything);
+            `dropped_fraction`, the share of assignments capacity dropped;
+            `router_entropy`, the mean entropy (nats) of the router's
+            distribution over experts (scores normalized to sum 1), at most
+            `log(E)`; `router_confidence`, the mean of its largest entry;
+            `aux_losses`, a dict of the router's auxiliary losses before
+            weighting; `training_steps` (int), the training calls counted.
+            The floats describe the latest training call.
+        """
+        value = lambda v: keras.ops.convert_to_numpy(v.value).astype("float64")  # noqa: E731
+        counts = value(self.assignment_counts)
+        total = counts.sum()
+        return {
+            "assignment_counts": counts,
+            "expert_load": counts / total if total > 0 else counts,
+            "average_load": value(self.average_load),
+            "load_max_mean_ratio": float(counts.max() * self.num_experts / total) if total > 0 else 0.0,
+            "dropped_fraction": float(value(self.dropped_fraction)),
+            "router_entropy": float(value(self.router_entropy)),
+            "router_confidence": float(value(self.router_confidence)),
+            "aux_losses": {
+                name: float(v)
+                for name, v in zip(self.router.loss_names, value(self.aux_loss_values))
+            },
+            "training_steps": int(value(self.training_steps)),
+        }
+
+    def reset_routing_statistics(self):
+        """Sets the statistics of training calls (and their counters) to zero."""
+        for name in TRAINING_STATISTICS:
+            variable = getattr(self, name)
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
 
     def _empty_call(self, inputs, return_routing):
         """A call without tokens: an empty output and empty routing."""
@@ -381,6 +536,28 @@ class MoE(keras.layers.Layer):
             if isinstance(config.get(key), dict):
                 config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+#: The experts' methods dropless dispatch calls (see `keras_moe.experts.base`).
+DROPLESS_METHODS = ("call_blocks", "call_grouped")
+
+
+def supports_dropless(experts):
+    """Whether `experts` has the methods dropless dispatch needs."""
+    return all(callable(getattr(experts, name, None)) for name in DROPLESS_METHODS)
+
+
+def check_mask_shape(layer, inputs, mask):
+    """Raises `ValueError` unless `mask` has the shape of `inputs` without the last axis."""
+    if mask is None:
+        return
+    expected, got = tuple(inputs.shape[:-1]), tuple(mask.shape)
+    if not _compatible_shapes(expected, got):
+        raise ValueError(
+            f"{layer.__class__.__name__}: `mask` must have the shape of the inputs without "
+            f"their last (hidden) dimension, {expected}. Received: mask.shape={got} for "
+            f"inputs.shape={tuple(inputs.shape)}"
+        )
 
 
 def _compatible_shapes(expected, got):

@@ -83,9 +83,14 @@ class MultiTaskModel(keras.Model):
     `"regression"` a linear `(batch, 1)`, and an integer `n` a softmax over
     `n` classes `(batch, n)`.
 
-    The model's outputs are a dict keyed by task name, so it trains the
-    usual Keras way with per-task losses, loss weights and metrics given as
-    dicts to `compile()` and labels given as a dict to `fit()`.
+    The model's outputs are a dict keyed by task name, in `tasks` order, so
+    it trains the usual Keras way with per-task losses, loss weights and
+    metrics given as dicts to `compile()` and labels given as a dict to
+    `fit()`. They may also be lists (or tuples) with one entry per task:
+    these follow the order of `tasks` on every backend. (A plain functional
+    Keras model with dict outputs pairs lists with its outputs in
+    alphabetical order of their names.) `keras_moe.models.SharedBottomModel`
+    is this model with a shared MLP as the mixture.
 
     Args:
         input_dim: int >= 1. Number of input features.
@@ -104,34 +109,38 @@ class MultiTaskModel(keras.Model):
             `dtype`. Under a mixed-precision policy the heads compute in
             float32.
 
-    Example:
+    Examples:
+        >>> import numpy as np
+        >>> import keras_moe
+        >>> x = np.random.normal(size=(256, 20)).astype("float32")
+        >>> labels = {
+        ...     "click": np.random.randint(0, 2, size=(256, 1)),
+        ...     "watch_time": np.random.normal(size=(256, 1)),
+        ... }
+        >>> model = MultiTaskModel(
+        ...     input_dim=20,
+        ...     tasks={"click": "binary", "watch_time": "regression"},
+        ...     mixture=keras_moe.layers.MMoE(
+        ...         num_tasks=2, num_experts=4, expert_units=16
+        ...     ),
+        ...     tower_units=[8],
+        ... )
+        >>> model.compile(
+        ...     optimizer="adam",
+        ...     loss={"click": "binary_crossentropy", "watch_time": "mse"},
+        ...     loss_weights={"click": 1.0, "watch_time": 0.5},
+        ... )
+        >>> history = model.fit(x, labels, epochs=2, batch_size=32, verbose=0)
+        >>> predictions = model.predict(x, verbose=0)
+        >>> {name: p.shape for name, p in predictions.items()}
+        {'click': (256, 1), 'watch_time': (256, 1)}
 
-    ```python
-    import numpy as np
-    import keras
-    import keras_moe
+        Lists follow the order of `tasks`:
 
-    x = np.random.normal(size=(256, 20)).astype("float32")
-    labels = {
-        "click": np.random.randint(0, 2, size=(256, 1)),
-        "watch_time": np.random.normal(size=(256, 1)),
-    }
-    model = keras_moe.models.MultiTaskModel(
-        input_dim=20,
-        tasks={"click": "binary", "watch_time": "regression"},
-        mixture=keras_moe.layers.MMoE(
-            num_tasks=2, num_experts=4, expert_units=16
-        ),
-        tower_units=[8],
-    )
-    model.compile(
-        optimizer="adam",
-        loss={"click": "binary_crossentropy", "watch_time": "mse"},
-        loss_weights={"click": 1.0, "watch_time": 0.5},
-    )
-    model.fit(x, labels, epochs=2, batch_size=32, verbose=0)
-    predictions = model.predict(x, verbose=0)  # dict keyed by task name
-    ```
+        >>> model.compile(optimizer="adam", loss=["binary_crossentropy", "mse"])
+        >>> history = model.fit(
+        ...     x, [labels["click"], labels["watch_time"]], epochs=1, verbose=0
+        ... )
 
     References:
         - [Ma et al., 2018. Modeling Task Relationships in Multi-task
@@ -201,6 +210,120 @@ class MultiTaskModel(keras.Model):
         """The task names, in the order of the mixture's outputs."""
         return list(self.tasks)
 
+    # === Outputs, labels and per-task settings in `tasks` order ===
+    # Keras flattens dict outputs in sorted key order: lists given to
+    # `compile()` or `fit()` would pair with the outputs alphabetically (on
+    # JAX silently, wrong heads trained), and `predict()` returns its dict
+    # sorted on JAX and torch. The model maps every list to task names and
+    # returns its dicts in `tasks` order instead.
+
+    def _by_task(self, value, argument):
+        """`value` as a dict keyed by task name if it is a list or tuple."""
+        if not isinstance(value, (list, tuple)):
+            return value
+        if len(value) != len(self.tasks):
+            raise ValueError(
+                f"`{argument}` given as a list must have one entry per task, "
+                f"in the order of `tasks`: {self.task_names}. Received "
+                f"{len(value)} entries. Pass a dict keyed by task name to "
+                "give some tasks none."
+            )
+        return dict(zip(self.tasks, value))
+
+    def _in_task_order(self, outputs):
+        if isinstance(outputs, dict) and set(outputs) == set(self.tasks):
+            return {name: outputs[name] for name in self.tasks}
+        return outputs
+
+    def _labels_by_task(self, y, argument):
+        if y is None:
+            return None
+        if isinstance(y, dict):
+            unknown = sorted(set(y) - set(self.tasks))
+            if unknown:
+                raise ValueError(
+                    f"The keys of `{argument}` must be task names "
+                    f"{self.task_names}. Unknown keys: {unknown}"
+                )
+            return y
+        if isinstance(y, (list, tuple)):
+            return self._by_task(y, argument)
+        if len(self.tasks) == 1:
+            return {self.task_names[0]: y}
+        if argument == "sample_weight":  # one weight per sample, every task
+            return y
+        raise ValueError(
+            f"The labels of a model with {len(self.tasks)} tasks must be a "
+            "dict keyed by task name or a list with one entry per task, in "
+            f"the order of `tasks`: {self.task_names}. Received a single "
+            f"{type(y).__name__}."
+        )
+
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        loss_weights=None,
+        metrics=None,
+        weighted_metrics=None,
+        **kwargs,
+    ):
+        """Configures the model for training, like `keras.Model.compile`.
+
+        `loss`, `loss_weights`, `metrics` and `weighted_metrics` may be
+        dicts keyed by task name or lists with one entry per task in the
+        order of `tasks` (a list of metrics of a single-task model applies
+        all of them to its one output, as Keras does).
+        """
+        loss = self._by_task(loss, "loss")
+        loss_weights = self._by_task(loss_weights, "loss_weights")
+        if len(self.tasks) > 1:
+            metrics = self._by_task(metrics, "metrics")
+            weighted_metrics = self._by_task(weighted_metrics, "weighted_metrics")
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            loss_weights=loss_weights,
+            metrics=metrics,
+            weighted_metrics=weighted_metrics,
+            **kwargs,
+        )
+
+    def compile_from_config(self, config):
+        # Keras skips compiling a loaded model whose class overrides
+        # `compile()`; this override only maps lists to dicts, so compile as
+        # `keras.Model.compile_from_config` would.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        outputs = super().call(inputs, training=training, mask=mask, **kwargs)
+        return self._in_task_order(outputs)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return super().compute_loss(
+            x,
+            self._labels_by_task(y, "y"),
+            y_pred,
+            self._labels_by_task(sample_weight, "sample_weight"),
+            training=training,
+        )
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        return super().compute_metrics(
+            x,
+            self._labels_by_task(y, "y"),
+            y_pred,
+            self._labels_by_task(sample_weight, "sample_weight"),
+        )
+
+    def predict(self, x, *args, **kwargs):
+        return self._in_task_order(super().predict(x, *args, **kwargs))
+
+    def predict_on_batch(self, x):
+        return self._in_task_order(super().predict_on_batch(x))
+
     def get_config(self):
         return {
             "name": self.name,
@@ -218,7 +341,5 @@ class MultiTaskModel(keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["mixture"] = keras.saving.deserialize_keras_object(
-            config["mixture"]
-        )
+        config["mixture"] = keras.saving.deserialize_keras_object(config["mixture"])
         return cls(**config)

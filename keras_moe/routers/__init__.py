@@ -6,4 +6,6 @@ tokens by that plan. New routing algorithms subclass `Router`.
 
 from keras_moe.routers.base import Router
 from keras_moe.routers.base import RoutingPlan
+from keras_moe.routers.expert_choice_router import ExpertChoiceRouter
+from keras_moe.routers.noisy_top_k_router import NoisyTopKRouter
 from keras_moe.routers.top_k_router import TopKRouter

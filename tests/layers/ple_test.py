@@ -1,7 +1,3 @@
-import inspect
-import re
-import textwrap
-
 import numpy as np
 import pytest
 import keras
@@ -271,16 +267,50 @@ def test_compute_output_shape():
     assert cgc.compute_output_shape([(None, 4)] * 3) == [(None, 4)] * 3
 
 
-def _run_docstring_example(obj):
-    """Runs the fenced Python code of `obj`'s docstring `Example:`."""
-    doc = inspect.getdoc(obj)
-    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.DOTALL)
-    assert blocks, f"{obj.__name__} has no Example code"
-    for block in blocks:
-        code = textwrap.dedent(block)
-        exec(compile(code, f"<{obj.__name__} docstring>", "exec"), {})
+
+def test_ple_expert_widths_per_level():
+    layer = PLE(2, 2, 1, 1, [[6, 5], [3]])
+    outputs, gates = layer(_x(), return_gates=True)
+    assert [tuple(o.shape) for o in outputs] == [(4, 3)] * 2
+    shapes = {name: v.shape for name, v in _weights(layer).items()}
+    assert shapes["level_0/experts/kernel_0"] == (3, 6, 6)
+    assert shapes["level_0/experts/kernel_1"] == (3, 6, 5)
+    assert shapes["level_1/experts/kernel_0"] == (3, 5, 3)
+    assert "level_1/experts/kernel_1" not in shapes
+    assert layer.compute_output_shape((None, 6)) == [(None, 3)] * 2
+    config = layer.get_config()
+    assert config["expert_units"] == [[6, 5], [3]]
+    assert PLE.from_config(config).get_config() == config
+    # An int entry beside a list is that level's single width.
+    assert PLE(2, 2, 1, 1, [[6, 5], 3]).level_expert_units == ((6, 5), (3,))
 
 
-@pytest.mark.parametrize("cls", [CGC, PLE])
-def test_docstring_example_runs(cls):
-    _run_docstring_example(cls)
+def test_ple_equal_levels_keep_their_config_form():
+    layer = PLE(2, 3, 1, 1, [5, 4])
+    assert layer.get_config()["expert_units"] == [5, 4]
+    assert layer.level_expert_units == ((5, 4),) * 3
+    assert PLE(2, 2, 1, 1, 7).get_config()["expert_units"] == [7]
+
+
+@pytest.mark.parametrize(
+    "expert_units, message",
+    [
+        ([[4], [4], [4]], "one entry per stage \\(2\\)"),
+        ([[4]], "one entry per stage \\(2\\)"),
+        ([[4], []], "`expert_units\\[1\\]`"),
+        ([[4, 0], [4]], "`expert_units\\[0\\]`"),
+        ([[4], True], "`expert_units\\[1\\]`"),
+    ],
+)
+def test_ple_invalid_expert_widths_per_level(expert_units, message):
+    with pytest.raises(ValueError, match=message):
+        PLE(2, 2, 1, 1, expert_units)
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [(dict(shared_output="yes"), "shared_output"), (dict(use_bias=1), "use_bias")],
+)
+def test_cgc_invalid_flags(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        CGC(2, 1, 1, 4, **kwargs)

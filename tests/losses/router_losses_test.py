@@ -48,3 +48,66 @@ def test_router_z_loss_formula_and_mask():
     np.testing.assert_allclose(
         float(_np(losses.router_z_loss(logits, mask=mask))), (lse[0] ** 2).mean(), rtol=1e-5
     )
+
+
+def _cv2(x):
+    x = np.asarray(x, "float64").ravel()
+    return x.var() / (x.mean() ** 2 + 1e-10)
+
+
+def test_cv_squared_formula():
+    x = np.array([1.0, 2.0, 5.0, 0.0], "float32")
+    np.testing.assert_allclose(float(_np(losses.cv_squared(x))), _cv2(x), rtol=1e-5)
+    assert float(_np(losses.cv_squared(np.ones(3, "float32")))) == 0.0
+
+
+def test_importance_loss_formula_and_mask_with_nan_padding():
+    rng = np.random.default_rng(3)
+    gates = rng.random((2, 5, 4)).astype("float32")
+    np.testing.assert_allclose(
+        float(_np(losses.importance_loss(gates))), _cv2(gates.reshape(-1, 4).sum(0)), rtol=1e-5
+    )
+    mask = np.ones((2, 5), bool)
+    mask[1, 3:] = False
+    gates[1, 3:] = np.nan  # a padding token's values never reach the loss
+    np.testing.assert_allclose(
+        float(_np(losses.importance_loss(gates, mask=mask))), _cv2(gates[mask].sum(0)), rtol=1e-5
+    )
+
+
+def _normal_cdf(x):
+    from math import erf, sqrt
+
+    return np.vectorize(lambda v: 0.5 * (1 + erf(v / sqrt(2))))(x)
+
+
+def _prob_in_top_k(clean, noisy, stddev, k):
+    """tensor2tensor's `_prob_in_top_k`, row by row."""
+    top = -np.sort(-noisy, axis=-1)
+    threshold_in, threshold_out = top[..., k : k + 1], top[..., k - 1 : k]
+    is_in = noisy > threshold_in
+    return np.where(
+        is_in, _normal_cdf((clean - threshold_in) / stddev), _normal_cdf((clean - threshold_out) / stddev)
+    )
+
+
+def test_prob_in_top_k_and_load_loss_formulas():
+    rng = np.random.default_rng(4)
+    clean = rng.standard_normal((3, 7, 5)).astype("float32")
+    stddev = (0.1 + rng.random((3, 7, 5))).astype("float32")
+    noisy = (clean + rng.standard_normal((3, 7, 5)) * stddev).astype("float32")
+    expected = _prob_in_top_k(clean, noisy, stddev, 2)
+    np.testing.assert_allclose(_np(losses.prob_in_top_k(clean, noisy, stddev, 2)), expected, atol=1e-5)
+    np.testing.assert_allclose(
+        float(_np(losses.load_loss(clean, noisy, stddev, 2))),
+        _cv2(expected.reshape(-1, 5).sum(0)),
+        rtol=1e-4,
+    )
+    mask = rng.random((3, 7)) > 0.3
+    np.testing.assert_allclose(
+        float(_np(losses.load_loss(clean, noisy, stddev, 2, mask=mask))),
+        _cv2(expected[mask].sum(0)),
+        rtol=1e-4,
+    )
+    # Every expert always chosen: nothing to balance.
+    assert float(_np(losses.load_loss(clean, noisy, stddev, 5))) == 0.0
