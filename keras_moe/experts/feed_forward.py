@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_moe.experts import activations
 from keras_moe.experts.initializers import reseeded
 from keras_moe.validation import check_bool
 from keras_moe.validation import check_int
@@ -13,10 +14,13 @@ def feed_forward(x, project, activation, gated):
 
     `project(tensor, name)` applies the projection `name` in
     `{"up", "gate", "down"}` (kernel and bias) in whatever layout the caller
-    holds its tokens; this is the one place the FFN formula is written.
+    holds its tokens; this is the one place the FFN formula is written. A
+    `GatedActivation` combines the two halves itself: `down(act(gate, up))`.
     """
     hidden = project(x, "up")
-    if gated:
+    if gated and activations.is_gated(activation):
+        hidden = activation(project(x, "gate"), hidden)
+    elif gated:
         hidden = activation(project(x, "gate")) * hidden
     else:
         hidden = activation(hidden)
@@ -33,7 +37,9 @@ class FeedForward(keras.layers.Layer):
 
     Args:
         intermediate_dim: int >= 1, the hidden width.
-        activation: activation name or callable. Defaults to `"gelu"`.
+        activation: activation name or callable, or a gated activation
+            (`keras_moe.experts.ClampedSwiGLU`, `"clamped_swiglu"`; needs
+            `gated=True`). Defaults to `"gelu"`.
         gated: bool, use a gated linear unit. Defaults to `False`.
         kernel_initializer: initializer of the kernels.
 
@@ -57,8 +63,10 @@ class FeedForward(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.intermediate_dim = check_int("intermediate_dim", intermediate_dim, 1)
-        self.activation = keras.activations.get(activation)
         self.gated = check_bool("gated", gated)
+        self.activation = activations.check_gated_activation(
+            activations.get(activation), self.gated
+        )
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
     def build(self, input_shape):
