@@ -1,5 +1,8 @@
 """Experts: feed-forward networks that know nothing of routing."""
 
+from keras_moe.experts import activations
+from keras_moe.experts.activations import ClampedSwiGLU
+from keras_moe.experts.activations import GatedActivation
 from keras_moe.experts.base import Experts
 from keras_moe.experts.feed_forward import FeedForward
 from keras_moe.experts.initializers import StackedInitializer

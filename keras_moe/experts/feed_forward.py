@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_moe.experts import activations
 from keras_moe.experts.initializers import reseeded
 from keras_moe.validation import check_bool
 from keras_moe.validation import check_int
@@ -14,7 +15,8 @@ def feed_forward(x, project, activation, gated):
     `project(tensor, name)` applies the projection `name` in
     `{"up", "gate", "down"}` (kernel and bias) in whatever layout the caller
     holds its tokens; this and `activate` are the one place the FFN formula
-    is written.
+    is written. A `GatedActivation` combines the two halves itself:
+    `down(act(gate, up))`.
     """
     first = [project(x, "up")] + ([project(x, "gate")] if gated else [])
     return project(activate(first, activation), "down")
@@ -25,12 +27,15 @@ def activate(first, activation):
 
     Args:
         first: `[up]`, or `[up, gate]` for a gated linear unit.
-        activation: the activation function.
+        activation: the activation function, or a `GatedActivation` (which
+            takes both halves: `act(gate, up)`).
 
     Returns:
-        `act(up)`, or `act(gate) * up`.
+        `act(up)`, `act(gate) * up`, or `act(gate, up)`.
     """
     if len(first) == 2:
+        if activations.is_gated(activation):
+            return activation(first[1], first[0])
         return activation(first[1]) * first[0]
     return activation(first[0])
 
@@ -45,7 +50,9 @@ class FeedForward(keras.layers.Layer):
 
     Args:
         intermediate_dim: int >= 1, the hidden width.
-        activation: activation name or callable. Defaults to `"gelu"`.
+        activation: activation name or callable, or a gated activation
+            (`keras_moe.experts.ClampedSwiGLU`, `"clamped_swiglu"`; needs
+            `gated=True`). Defaults to `"gelu"`.
         gated: bool, use a gated linear unit. Defaults to `False`.
         kernel_initializer: initializer of the kernels.
 
@@ -69,8 +76,10 @@ class FeedForward(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.intermediate_dim = check_int("intermediate_dim", intermediate_dim, 1)
-        self.activation = keras.activations.get(activation)
         self.gated = check_bool("gated", gated)
+        self.activation = activations.check_gated_activation(
+            activations.get(activation), self.gated
+        )
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
     def build(self, input_shape):

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_moe.dispatch import grouped
+from keras_moe.experts import activations
 from keras_moe.experts.contractions import stacked_matmul
 from keras_moe.experts.feed_forward import activate
 from keras_moe.experts.feed_forward import feed_forward
@@ -30,7 +31,9 @@ class StackedExperts(keras.layers.Layer):
     Args:
         num_experts: int >= 1.
         intermediate_dim: int >= 1, each expert's hidden width.
-        activation: activation name or callable. Defaults to `"gelu"`.
+        activation: activation name or callable, or a gated activation
+            (`keras_moe.experts.ClampedSwiGLU`, `"clamped_swiglu"`; needs
+            `gated=True`). Defaults to `"gelu"`.
         gated: bool, gated linear unit experts. Defaults to `False`.
         use_bias: bool, add biases. Defaults to `False`.
         dropout: float in `[0, 1)`, dropout on the expert hidden activations
@@ -66,8 +69,10 @@ class StackedExperts(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_experts = check_int("num_experts", num_experts, 1)
         self.intermediate_dim = check_int("intermediate_dim", intermediate_dim, 1)
-        self.activation = keras.activations.get(activation)
         self.gated = check_bool("gated", gated)
+        self.activation = activations.check_gated_activation(
+            activations.get(activation), self.gated
+        )
         self.use_bias = check_bool("use_bias", use_bias)
         self.dropout = check_rate("dropout", dropout)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)

@@ -10,3 +10,7 @@ from keras_moe.layers.switch_ffn import SwitchFFN
 from keras_moe.layers.cgc import CGC
 from keras_moe.layers.mmoe import MMoE
 from keras_moe.layers.ple import PLE
+
+# Transformer blocks with a routed feed-forward (keras-hub's blocks).
+from keras_moe.layers.moe_transformer import MoETransformerDecoder
+from keras_moe.layers.moe_transformer import MoETransformerEncoder

@@ -88,6 +88,10 @@ class MoE(keras.layers.Layer):
           with `routing` a dict of `router_logits (..., E)` float32,
           `expert_indices (..., k)` int32 (best first), `expert_weights
           (..., k)` and `dispatched (..., k)` bool.
+        - `router_inputs`: optional tensor of the inputs' shape that the
+          router sees instead of `inputs` (the experts still get `inputs`),
+          for models that route on another view of the token than the one
+          the experts transform (Gemma 4 routes the un-normalized residual).
 
     Examples:
         >>> import numpy as np
@@ -230,12 +234,13 @@ class MoE(keras.layers.Layer):
             return self.capacity_factor
         return self.eval_capacity_factor
 
-    def call(self, inputs, training=None, mask=None, return_routing=False):
+    def call(self, inputs, training=None, mask=None, return_routing=False, router_inputs=None):
         inputs = ops.convert_to_tensor(inputs)
         if not keras.backend.is_float_dtype(inputs.dtype):
             # Like Keras layers: integer inputs are numbers, cast to compute.
             inputs = ops.cast(inputs, self.compute_dtype)
         self._check_mask_shape(inputs, mask)
+        self._check_router_inputs_shape(inputs, router_inputs)
         input_shape = ops.shape(inputs)
         lead = tuple(input_shape[:-1])
         hidden = input_shape[-1]
@@ -253,7 +258,13 @@ class MoE(keras.layers.Layer):
             # Expert parallelism: each device routes its own groups.
             x_groups = distribution.shard_groups(x_groups)
             mask_groups = None if mask_groups is None else distribution.shard_groups(mask_groups)
-        plan = self.router(x_groups, token_mask=mask_groups, training=training)
+        router_groups = x_groups
+        if router_inputs is not None:
+            router_flat = ops.reshape(ops.convert_to_tensor(router_inputs), (-1, hidden))
+            router_groups, _ = self._to_groups(router_flat, token_mask, group_size)
+            if grouped:
+                router_groups = distribution.shard_groups(router_groups)
+        plan = self.router(router_groups, token_mask=mask_groups, training=training)
         flat = lambda t: ops.reshape(t, (-1,) + tuple(ops.shape(t)[2:]))[:tokens]  # noqa: E731
 
         if plan.slots is not None:
@@ -318,6 +329,16 @@ class MoE(keras.layers.Layer):
 
     def _check_mask_shape(self, inputs, mask):
         check_mask_shape(self, inputs, mask)
+
+    def _check_router_inputs_shape(self, inputs, router_inputs):
+        if router_inputs is None:
+            return
+        expected, got = tuple(inputs.shape), tuple(router_inputs.shape)
+        if not _compatible_shapes(expected, got):
+            raise ValueError(
+                f"{self.__class__.__name__}: `router_inputs` must have the shape of the "
+                f"inputs, {expected}. Received: router_inputs.shape={got}"
+            )
 
     def _to_groups(self, x, token_mask, group_size):
         """`(T, hidden)` -> `(G, S, hidden)` routing groups, and their mask.
@@ -477,7 +498,9 @@ class MoE(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def compute_output_spec(self, inputs, training=None, mask=None, return_routing=False):
+    def compute_output_spec(
+        self, inputs, training=None, mask=None, return_routing=False, router_inputs=None
+    ):
         outputs = keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
         if not return_routing:
             return outputs
@@ -529,11 +552,16 @@ def check_mask_shape(layer, inputs, mask):
     if mask is None:
         return
     expected, got = tuple(inputs.shape[:-1]), tuple(mask.shape)
-    if len(expected) != len(got) or any(
-        a is not None and b is not None and a != b for a, b in zip(expected, got)
-    ):
+    if not _compatible_shapes(expected, got):
         raise ValueError(
             f"{layer.__class__.__name__}: `mask` must have the shape of the inputs without "
             f"their last (hidden) dimension, {expected}. Received: mask.shape={got} for "
             f"inputs.shape={tuple(inputs.shape)}"
         )
+
+
+def _compatible_shapes(expected, got):
+    """Same rank, and equal wherever both dimensions are known."""
+    return len(expected) == len(got) and all(
+        a is None or b is None or a == b for a, b in zip(expected, got)
+    )
