@@ -45,12 +45,12 @@ children_cpu() {  # sets `cpu`: user + system seconds of the finished children s
 
 summary=()
 status=0
-run() {  # run LABEL [ENV=VALUE ...] -- PYTEST_ARGS...: one pytest process, one summary line
-  local label=$1 envs=()
-  shift
+run() {  # run LABEL HEADER [ENV=VALUE ...] -- PYTEST_ARGS...: one pytest process, one summary line
+  local label=$1 header=$2 envs=()
+  shift 2
   while [[ $1 != "--" ]]; do envs+=("$1"); shift; done
   shift
-  echo "=== ${label}"
+  echo "=== ${header}"
   local start=${SECONDS}
   children_cpu
   local cpu_start=${cpu}
@@ -64,7 +64,7 @@ run() {  # run LABEL [ENV=VALUE ...] -- PYTEST_ARGS...: one pytest process, one 
 }
 
 for backend in ${KERAS_MOE_BACKENDS:-jax tensorflow torch}; do
-  run "${backend}" KERAS_BACKEND="${backend}" -- "$@"
+  run "${backend}" "KERAS_BACKEND=${backend}" KERAS_BACKEND="${backend}" -- "$@"
 done
 
 # The whole suite (no arguments) includes the multi-device tests of expert
@@ -73,10 +73,12 @@ done
 if (( $# == 0 )); then
   for backend in ${KERAS_MOE_BACKENDS:-jax tensorflow torch}; do
     case "${backend}" in
-      jax) run "jax, 8 host devices" KERAS_BACKEND=jax \
+      jax) run "jax, 8 host devices" "KERAS_BACKEND=jax, 8 host devices (tests/distribution)" \
+             KERAS_BACKEND=jax \
              XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" \
              -- tests/distribution/expert_parallel_test.py ;;
-      tensorflow) run "tensorflow, 8 DTensor CPUs" KERAS_BACKEND=tensorflow \
+      tensorflow) run "tensorflow, 8 DTensor CPUs" \
+             "KERAS_BACKEND=tensorflow, 8 logical CPU devices (tests/distribution)" KERAS_BACKEND=tensorflow \
              KERAS_MOE_TF_LOGICAL_CPUS=8 -- tests/distribution/dtensor_test.py ;;
     esac
   done
