@@ -1,36 +1,45 @@
-"""Training-step speed of SparseMoE vs a dense FFN vs keras-hub's Mixtral block.
+"""Training-step speed and memory of SparseMoE vs a dense FFN vs keras-hub's Mixtral block.
 
-Times one jit-compiled training step (forward, backward, Adam update) of each
-layer, side by side in one process, with interleaved repeats (A B C A B C ...)
-so that slow drifts of a shared machine hit every layer alike. Reports medians,
-ratios and memory, prints a markdown table and saves JSON.
+Each layer is measured the way a model runs it: as the feed-forward half of a
+pre-norm transformer block, `y = x + FFN(LayerNorm(x))`, in one compiled
+training step (forward, backward *including the gradient with respect to the
+block's input `x`*, Adam update). Inside a model every FFN back-propagates
+into its input; for an MoE that backward pass (the transpose of the token
+gathers) is a large part of the cost, so leaving it out flatters the MoE.
 
-Layers (hidden `d`, `E` experts, top `k`, expert width `h`):
+The layers run side by side in one process, with interleaved repeats (A B C A
+B C ...) so that slow drifts of a shared machine hit every layer alike. The
+script reports medians, ratios, step memory and the machine's load average,
+prints a markdown table and writes it (markdown + JSON) to `--results-dir`.
+
+Layers (hidden `d`, `E` experts, top `k`, expert width `h`, shared width `s`):
 
 - `sparse_moe`: `keras_moe.layers.SparseMoE(E, h, top_k=k, gated=True,
-  activation="silu")`, dropless; `sparse_moe_cf1.25` and `sparse_moe_cf1.0`
-  the same with a capacity factor.
-- `dense_ffn`: a dense SwiGLU FFN of width `k * h` (the same active parameters
-  per token), `keras_moe.experts.FeedForward`.
+  activation="silu", shared_intermediate_dim=s)`, dropless;
+  `sparse_moe_cf1.25` and `sparse_moe_cf1.0` the same with a capacity factor.
+- `dense_ffn`: a dense SwiGLU FFN of width `k * h + s` (the same active
+  parameters per token), `keras_moe.experts.FeedForward`.
 - `keras_hub_mixtral`: keras-hub's `MixtralSparseMoeBlock`, which computes every
-  expert on every token (`E / k` times the active FLOPs). Jitter stays 0.
+  expert on every token (`E / k` times the active FLOPs; no shared expert).
 
 Training step per backend:
 
-- JAX: `jax.jit` of `layer.stateless_call` + `jax.value_and_grad` +
-  `optimizer.stateless_apply`, the state donated; compiled ahead of time
-  (`.lower().compile()`), whose `memory_analysis()` gives the memory columns.
-- TensorFlow: `tf.function` with `GradientTape` + `optimizer.apply_gradients`,
-  both with XLA (`jit_compile=True`) and without; tables use the faster.
-- PyTorch: eager (Keras' torch backend), `loss.backward()` + `optimizer.apply`.
+- JAX: `jax.jit` of `stateless_call` + `jax.value_and_grad` (variables and
+  input) + `optimizer.stateless_apply`, the state donated; compiled ahead of
+  time, whose `memory_analysis()` gives the memory column.
+- TensorFlow: `tf.function` with `GradientTape` (variables and input) +
+  `optimizer.apply_gradients`, with XLA (`jit_compile=True`) and without.
+- PyTorch: Keras' eager torch backend, `loss.backward()` + `optimizer.apply`;
+  `--torch-mode compile` also runs the forward and loss through
+  `torch.compile` (what Keras' `jit_compile=True` does on torch).
 
-Loss: `mean(square(outputs))` plus the layer's auxiliary losses.
+Loss: `mean(square(y))` plus the layer's auxiliary losses.
 
 Usage (one process per backend; the backend is fixed when keras is imported):
 
     KERAS_BACKEND=jax python benchmarks/layer_speed.py [--smoke]
-        [--configs main sweep | e8k2 e32k4 e8k2_t1024 ...] [--repeats N]
-        [--dtype float32|mixed_bfloat16] [--out results.json]
+        [--configs main sweep gpu | e8k2 e32k4 e64k8 ...] [--repeats N]
+        [--dtype float32|mixed_bfloat16] [--results-dir DIR] [--tag TAG]
 """
 
 import argparse
@@ -47,27 +56,39 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 
-# name: (batch, seq, hidden, num_experts, top_k, expert_width)
+# name: (batch, seq, hidden, num_experts, top_k, expert_width, shared_width)
 CONFIGS = {
-    "e8k2": (4, 1024, 512, 8, 2, 1024),
-    "e32k4": (4, 1024, 512, 32, 4, 256),
-    "e8k2_t1024": (1, 1024, 512, 8, 2, 1024),
-    "e8k2_t2048": (2, 1024, 512, 8, 2, 1024),
-    "e8k2_t8192": (8, 1024, 512, 8, 2, 1024),
+    "e8k2": (4, 1024, 512, 8, 2, 1024, 0),
+    "e32k4": (4, 1024, 512, 32, 4, 256, 0),
+    # Fine-grained (DeepSeekMoE / Qwen3-MoE style) at CPU size: dense width 1024.
+    "e64k8": (4, 1024, 512, 64, 8, 128, 0),
+    "e8k2_t1024": (1, 1024, 512, 8, 2, 1024, 0),
+    "e8k2_t2048": (2, 1024, 512, 8, 2, 1024, 0),
+    "e8k2_t8192": (8, 1024, 512, 8, 2, 1024, 0),
+    # Real sizes, for accelerators (T = 16384, hidden 2048; run with --dtype mixed_bfloat16).
+    # Mixtral-8x7B at half width: E=8, k=2, h=7168.
+    "mixtral_half": (4, 4096, 2048, 8, 2, 7168, 0),
+    # DeepSeek-V2-Lite: 64 experts of width 1408, top-6, 2 shared experts (one FFN of 2 * 1408).
+    "dsv2_lite": (4, 4096, 2048, 64, 6, 1408, 2816),
 }
 SMOKE_CONFIGS = {
-    "e8k2": (4, 16, 32, 4, 2, 32),
-    "e32k4": (4, 16, 32, 8, 4, 16),
-    "e8k2_t1024": (1, 16, 32, 4, 2, 32),
-    "e8k2_t2048": (2, 16, 32, 4, 2, 32),
-    "e8k2_t8192": (8, 16, 32, 4, 2, 32),
+    "e8k2": (4, 16, 32, 4, 2, 32, 0),
+    "e32k4": (4, 16, 32, 8, 4, 16, 0),
+    "e64k8": (4, 16, 32, 16, 8, 8, 0),
+    "e8k2_t1024": (1, 16, 32, 4, 2, 32, 0),
+    "e8k2_t2048": (2, 16, 32, 4, 2, 32, 0),
+    "e8k2_t8192": (8, 16, 32, 4, 2, 32, 0),
+    "mixtral_half": (2, 16, 32, 4, 2, 32, 0),
+    "dsv2_lite": (2, 16, 32, 8, 3, 8, 16),
 }
 GROUPS = {
-    "main": ["e8k2", "e32k4"],
+    "main": ["e8k2", "e32k4", "e64k8"],
     "sweep": ["e8k2_t1024", "e8k2_t2048", "e8k2", "e8k2_t8192"],
+    "gpu": ["mixtral_half", "dsv2_lite"],
 }
-SWEEP = GROUPS["sweep"]  # config 1 at 1x, 2x, 4x, 8x the tokens
+SWEEP = GROUPS["sweep"]  # config e8k2 at 1x, 2x, 4x, 8x the tokens
 SMOKE_SWEEP = ["e8k2_t1024", "e8k2"]  # smoke: T and 4T only
 LAYERS = ["dense_ffn", "sparse_moe", "sparse_moe_cf1.25", "sparse_moe_cf1.0", "keras_hub_mixtral"]
 CAPACITY = {"sparse_moe": None, "sparse_moe_cf1.25": 1.25, "sparse_moe_cf1.0": 1.0}
@@ -81,7 +102,7 @@ def parse_args(argv=None):
         nargs="+",
         default=None,
         help=f"config names {sorted(CONFIGS)} or groups {sorted(GROUPS)} "
-        "(default: main sweep; smoke: e8k2_t1024 e8k2, i.e. T and 4T)",
+        "(default: main; smoke: e8k2_t1024 e8k2, i.e. T and 4T)",
     )
     p.add_argument(
         "--layers",
@@ -112,20 +133,47 @@ def parse_args(argv=None):
         "(default both; smoke graph)",
     )
     p.add_argument(
+        "--torch-mode",
+        default="eager",
+        choices=["eager", "compile", "both"],
+        help="PyTorch: Keras' eager backend, the forward and loss through torch.compile, "
+        "or both (default eager)",
+    )
+    p.add_argument(
         "--memory",
         default="auto",
         choices=["auto", "off"],
         help="auto: JAX memory_analysis(); TF: allocator peak (tf.config.experimental); "
-        "torch: allocator peak on GPU, peak RSS growth of one step in a separate process on CPU",
+        "torch: allocator peak on GPU, peak RSS growth of one step in a separate process on CPU, "
+        "and the bytes autograd saves for the backward",
     )
     p.add_argument("--backend", default=None, help="sets KERAS_BACKEND (before importing keras)")
-    p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument(
+        "--strategy",
+        default=None,
+        help="dropless strategy (sets KERAS_MOE_DROPLESS_STRATEGY; default: "
+        "keras_moe.dispatch.default_strategy() for the device)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="PyTorch / TensorFlow intra-op threads (default: the framework's)",
+    )
+    p.add_argument(
+        "--results-dir",
+        default=None,
+        help=f"write <device>_<backend>[_<dtype>][_<tag>].md/.json here (default {RESULTS_DIR}; "
+        "smoke: nowhere)",
+    )
+    p.add_argument("--tag", default=None, help="suffix of the result file names")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.configs is None:
         # Smoke: one config at T and 4T covers every code path and the sweep table.
-        args.configs = SMOKE_SWEEP if args.smoke else ["main", "sweep"]
+        args.configs = SMOKE_SWEEP if args.smoke else ["main"]
     names = []
     for name in args.configs:
         for n in GROUPS.get(name, [name]):
@@ -144,13 +192,33 @@ def parse_args(argv=None):
         args.min_time = 0.0 if args.smoke else 0.25
     if args.smoke:
         args.warmup = min(args.warmup, 1)
+    if args.results_dir is None and not args.smoke:
+        args.results_dir = RESULTS_DIR
     return args
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.backend:
     os.environ["KERAS_BACKEND"] = ARGS.backend
+if ARGS is not None and ARGS.strategy:
+    os.environ["KERAS_MOE_DROPLESS_STRATEGY"] = ARGS.strategy
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+XLA_DUMP = None
+if (
+    ARGS is not None
+    and os.environ.get("KERAS_BACKEND") == "tensorflow"
+    and ARGS.memory == "auto"
+    and "--xla_dump_to" not in os.environ.get("XLA_FLAGS", "")
+):
+    # TensorFlow has no API for the memory of an XLA-compiled function; its
+    # buffer assignment (dumped at compile time) gives the same figure as
+    # JAX's memory_analysis(). Set before TensorFlow starts.
+    import tempfile
+
+    XLA_DUMP = tempfile.mkdtemp(prefix="layer_speed_xla_")
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={XLA_DUMP} --xla_dump_hlo_pass_re=^$"
+    ).strip()
 if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow" and "tensorflow" not in sys.modules:
     # keras-hub imports TensorFlow when installed (for its data pipelines
     # only); blocking it keeps seconds of import time and a TF runtime out of
@@ -168,28 +236,25 @@ BACKEND = keras.backend.backend()
 
 
 # ----------------------------------------------------------------------------
-# Device and synchronisation
+# Device, load and synchronisation
 
 
 def on_gpu():
-    if BACKEND == "jax":
-        import jax
+    return keras_moe.backend.on_accelerator()
 
-        return jax.default_backend() != "cpu"
-    if BACKEND == "torch":
-        import torch
 
-        return torch.cuda.is_available()
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        return bool(tf.config.list_logical_devices("GPU"))
-    return False
+def load_average():
+    """The 1-minute load average (what `uptime` shows first), or None."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def device_description():
     cpu = f"{os.cpu_count()} CPU threads, {platform.processor() or platform.machine()}"
     desc = {"backend": BACKEND, "keras": keras.__version__, "cpu": cpu}
+    desc["python"] = platform.python_version()
     if BACKEND == "jax":
         import jax
 
@@ -220,6 +285,14 @@ def device_description():
     return desc
 
 
+def device_slug(desc):
+    """`cpu`, or e.g. `gpu_nvidia_h100_80gb_hbm3`, for result file names."""
+    if not on_gpu():
+        return "cpu"
+    name = desc["device"].lower()
+    return "gpu_" + re.sub(r"[^a-z0-9]+", "_", name).strip("_")
+
+
 def git_revision():
     """The checkout's commit, `+dirty` if keras_moe/ has uncommitted changes."""
     try:
@@ -235,24 +308,9 @@ def git_revision():
 
 def dropless_path_label():
     """How SparseMoE's dropless dispatch runs here (a label for the tables)."""
-    grouped = keras_moe.backend.has_grouped_matmul()
-    if grouped:
-        # The fast path's name is private; it is read for the label only.
-        module = sys.modules.get("keras_moe.backend.grouped_matmul")
-        name = getattr(module, "_fast_path_name", lambda: None)() or "backend grouped matmul"
-    default_strategy = getattr(keras_moe.dispatch, "default_strategy", None)
-    if default_strategy is None:  # older keras_moe: grouped matmul where there is one
-        strategy = "grouped" if grouped else "scan"
-    else:
-        strategy = default_strategy()
-    label = {
-        "grouped": f"rows sorted by expert through a grouped matmul ({name if grouped else '?'})",
-        "scan": "per-expert blocks, a scan of dense matmuls",
-        "batched": "per-expert blocks, one batched einsum over gathered kernels",
-    }.get(strategy, strategy)
-    if BACKEND == "tensorflow" and strategy == "grouped":
-        label += "; under XLA the scan over blocks"
-    return f"{strategy}: {label}"
+    strategy = keras_moe.dispatch.default_strategy()
+    describe = getattr(keras_moe.dispatch, "describe_strategy", None)
+    return f"{strategy}: {describe(strategy)}" if describe else strategy
 
 
 def block(value):
@@ -274,10 +332,27 @@ def block(value):
 # Layers
 
 
-def make_layer(name, hidden, num_experts, top_k, width):
+class ResidualBlock(keras.layers.Layer):
+    """`x + ffn(LayerNorm(x))`: the feed-forward half of a pre-norm block."""
+
+    def __init__(self, ffn, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = keras.layers.LayerNormalization(epsilon=1e-5, name="norm")
+        self.ffn = ffn
+        self.ffn_kwargs = call_kwargs(ffn)
+
+    def build(self, input_shape):
+        self.norm.build(input_shape)
+        self.ffn.build(input_shape)
+
+    def call(self, x):
+        return x + first_output(self.ffn(self.norm(x), **self.ffn_kwargs))
+
+
+def make_layer(name, hidden, num_experts, top_k, width, shared):
     if name == "dense_ffn":
         return keras_moe.experts.FeedForward(
-            intermediate_dim=top_k * width, gated=True, activation="silu", name=name
+            intermediate_dim=top_k * width + shared, gated=True, activation="silu", name=name
         )
     if name in CAPACITY:
         return keras_moe.layers.SparseMoE(
@@ -286,6 +361,7 @@ def make_layer(name, hidden, num_experts, top_k, width):
             top_k=top_k,
             gated=True,
             activation="silu",
+            shared_intermediate_dim=shared,
             capacity_factor=CAPACITY[name],
             name=name.replace(".", "_"),
         )
@@ -324,21 +400,19 @@ def variable_bytes(variables):
 
 
 # ----------------------------------------------------------------------------
-# Training steps. Each `make_*_step` returns (step, info); `step()` runs one
-# training step and returns something `block` can wait on.
+# Training steps. Each `make_*_step` returns (step, finish, info); `step()`
+# runs one training step and returns something `block` can wait on; the input
+# gradient is always computed and returned (as a model would pass it on).
 
 
 def make_jax_step(layer, optimizer, x, memory):
     import jax
     import jax.numpy as jnp
 
-    kwargs = call_kwargs(layer)
-
-    def loss_fn(trainable, non_trainable, x):
-        outputs, non_trainable, losses = layer.stateless_call(
-            trainable, non_trainable, x, return_losses=True, **kwargs
+    def loss_fn(trainable, x, non_trainable):
+        y, non_trainable, losses = layer.stateless_call(
+            trainable, non_trainable, x, return_losses=True
         )
-        y = first_output(outputs)
         loss = jnp.mean(jnp.square(y.astype("float32")))
         for aux in losses:
             loss = loss + aux.astype("float32")
@@ -346,11 +420,11 @@ def make_jax_step(layer, optimizer, x, memory):
 
     def train_step(state, x):
         trainable, non_trainable, opt_vars = state
-        (loss, non_trainable), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, non_trainable, x
-        )
+        (loss, non_trainable), (grads, grad_x) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True
+        )(trainable, x, non_trainable)
         trainable, opt_vars = optimizer.stateless_apply(opt_vars, grads, trainable)
-        return loss, (trainable, non_trainable, opt_vars)
+        return (loss, grad_x), (trainable, non_trainable, opt_vars)
 
     state = (
         [v.value for v in layer.trainable_variables],
@@ -373,8 +447,8 @@ def make_jax_step(layer, optimizer, x, memory):
     holder = {"state": state}
 
     def step():
-        loss, holder["state"] = compiled(holder["state"], x)
-        return holder["state"]
+        outputs, holder["state"] = compiled(holder["state"], x)
+        return outputs
 
     def finish():
         # Write the final state back (routing statistics such as dropped_count).
@@ -391,19 +465,19 @@ def make_tf_step(layer, optimizer, x, jit_compile):
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")  # one tf.function per layer: retracing warnings are noise
-    kwargs = call_kwargs(layer)
 
     @tf.function(jit_compile=jit_compile)
     def train_step(x):
         with tf.GradientTape() as tape:
-            y = first_output(layer(x, **kwargs))
+            tape.watch(x)
+            y = layer(x)
             loss = ops.mean(ops.square(ops.cast(y, "float32")))
             for aux in layer.losses:
                 loss = loss + ops.cast(aux, "float32")
         variables = layer.trainable_variables
-        grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(grads, variables))
-        return loss
+        grads = tape.gradient(loss, variables + [x])
+        optimizer.apply_gradients(zip(grads[:-1], variables))
+        return grads[-1]
 
     def step():
         return train_step(x)
@@ -411,43 +485,60 @@ def make_tf_step(layer, optimizer, x, jit_compile):
     return step, None, {}
 
 
-def make_torch_step(layer, optimizer, x):
+def make_torch_step(layer, optimizer, x, compiled):
     import torch
 
     variables = layer.trainable_variables
-    kwargs = call_kwargs(layer)
+    x = x.detach().requires_grad_(True)
 
-    def step():
-        y = first_output(layer(x, **kwargs))
+    def forward_loss(x):
+        y = layer(x)
         loss = ops.mean(ops.square(ops.cast(y, "float32")))
         for aux in layer.losses:
             loss = loss + ops.cast(aux, "float32")
+        return loss
+
+    if compiled:
+        # What Keras' `jit_compile=True` compiles on torch: the forward and
+        # loss (dynamo stops at `.backward()`); AOTAutograd compiles the
+        # backward of the same graph.
+        forward_loss = torch.compile(forward_loss)
+
+    def step():
         for v in variables:
             v.value.grad = None
+        x.grad = None
+        loss = forward_loss(x)
         loss.backward()
         grads = [v.value.grad for v in variables]
         with torch.no_grad():
             optimizer.apply(grads, variables)
-        return loss
+        return x.grad
 
+    step.input = x
     return step, None, {}
 
 
 def variants_for(args):
-    """Step variants per layer: TF has XLA and non-XLA graphs."""
-    if BACKEND != "tensorflow":
-        return [None]
-    return {"both": ["xla", "graph"], "xla": ["xla"], "graph": ["graph"]}[args.tf_mode]
+    """Step variants per layer: TF has XLA and non-XLA graphs, torch eager and compiled."""
+    if BACKEND == "tensorflow":
+        return {"both": ["xla", "graph"], "xla": ["xla"], "graph": ["graph"]}[args.tf_mode]
+    if BACKEND == "torch":
+        return {"both": ["eager", "compile"], "eager": ["eager"], "compile": ["compile"]}[
+            args.torch_mode
+        ]
+    return [None]
 
 
 class Candidate:
-    """One layer (and TF mode) with its optimizer, step and measurements."""
+    """One layer (and TF / torch mode) with its optimizer, step and measurements."""
 
     def __init__(self, layer_name, mode, layer, optimizer, x, memory):
         self.layer_name = layer_name
         self.mode = mode
         self.layer = layer
         self.times = []
+        self.loads = []
         self.error = None
         self.finish = None
         self.info = {}
@@ -456,13 +547,22 @@ class Candidate:
         elif BACKEND == "tensorflow":
             self.step, _, self.info = make_tf_step(layer, optimizer, x, mode == "xla")
         else:
-            self.step, _, self.info = make_torch_step(layer, optimizer, x)
+            self.step, _, self.info = make_torch_step(layer, optimizer, x, mode == "compile")
+
+    @classmethod
+    def failed(cls, layer_name, mode, layer, error):
+        c = cls.__new__(cls)
+        c.layer_name, c.mode, c.layer = layer_name, mode, layer
+        c.times, c.loads, c.info, c.finish = [], [], {}, None
+        c.error = f"{error.__class__.__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        return c
 
     @property
     def key(self):
         return self.layer_name if self.mode is None else f"{self.layer_name}[{self.mode}]"
 
     def run(self, n):
+        self.loads.append(load_average())
         start = time.perf_counter()
         for _ in range(n):
             out = self.step()
@@ -471,27 +571,26 @@ class Candidate:
 
 
 def build_candidates(config, args, layers, memory):
-    batch, seq, hidden, num_experts, top_k, width = config
+    batch, seq, hidden, num_experts, top_k, width, shared = config
     keras.utils.set_random_seed(args.seed)
     x = keras.random.normal((batch, seq, hidden), seed=args.seed)
     x = ops.cast(x, keras.config.dtype_policy().compute_dtype)
     candidates = []
     for name in layers:
         for mode in variants_for(args):
-            layer = make_layer(name, hidden, num_experts, top_k, width)
+            ffn = make_layer(name, hidden, num_experts, top_k, width, shared)
+            layer = ResidualBlock(ffn, name=f"block_{ffn.name}")
             layer.build((batch, seq, hidden))
             optimizer = keras.optimizers.Adam(learning_rate=1e-4)
             optimizer.build(layer.trainable_variables)
             try:
                 candidates.append(Candidate(name, mode, layer, optimizer, x, memory))
             except Exception as e:  # noqa: BLE001
-                c = Candidate.__new__(Candidate)
-                c.layer_name, c.mode, c.layer, c.times, c.info = name, mode, layer, [], {}
-                c.error = f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}"
-                candidates.append(c)
+                candidates.append(Candidate.failed(name, mode, layer, e))
             c = candidates[-1]
-            c.info["param_bytes"] = variable_bytes(layer.weights)
-            c.info["optimizer_bytes"] = variable_bytes(optimizer.variables)
+            c.info["param_bytes"] = variable_bytes(ffn.weights)
+            # Adam: two slots per trainable variable.
+            c.info["optimizer_bytes"] = 2 * variable_bytes(ffn.trainable_weights)
     return x, candidates
 
 
@@ -501,7 +600,8 @@ def warm_up(c, args):
         start = time.perf_counter()
         block(c.step())
         c.info["first_step_s"] = time.perf_counter() - start
-        for _ in range(args.warmup):
+        # torch.compile recompiles once or twice (Keras' call context) before it settles.
+        for _ in range(max(args.warmup, 3) if c.mode == "compile" else args.warmup):
             block(c.step())
         return c.run(1)
     except Exception as e:  # noqa: BLE001
@@ -522,7 +622,49 @@ def torch_gpu_memory(c):
     }
 
 
-def tf_memory(c):
+def torch_saved_bytes(c):
+    """Bytes autograd keeps for the backward pass of one step, beyond variables and input.
+
+    Deterministic (no allocator involved): every tensor saved for the backward
+    goes through `saved_tensors_hooks`; storages are counted once.
+    """
+    import torch
+
+    own = {v.value.untyped_storage().data_ptr() for v in c.layer.weights}
+    own.add(c.step.input.untyped_storage().data_ptr())  # the caller's tensor, not step memory
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(c.step())
+    c.info["saved_for_backward_bytes"] = int(sum(storages.values()))
+
+
+def xla_dump_temp_bytes(since):
+    """XLA's temp buffer of the newest compiled train step dumped after `since`, or None."""
+    if XLA_DUMP is None:
+        return None
+    files = [
+        os.path.join(XLA_DUMP, f)
+        for f in os.listdir(XLA_DUMP)
+        if "train_step" in f and f.endswith("buffer-assignment.txt")
+    ]
+    files = [f for f in files if os.path.getmtime(f) >= since]
+    if not files:
+        return None
+    with open(max(files, key=os.path.getmtime)) as f:
+        found = re.search(r"^allocation \d+: size (\d+), preallocated-temp", f.read(), re.M)
+    for f in os.listdir(XLA_DUMP):  # the dumps are large; keep none
+        os.remove(os.path.join(XLA_DUMP, f))
+    return int(found.group(1)) if found else None
+
+
+def tf_memory(c, compiled_since):
     import tensorflow as tf
 
     device = "GPU:0" if on_gpu() else "CPU:0"
@@ -530,36 +672,64 @@ def tf_memory(c):
     tf.config.experimental.reset_memory_stats(device)
     block(c.step())
     peak = tf.config.experimental.get_memory_info(device)["peak"]
-    c.info["memory"] = {
-        "method": f"tf.config.experimental.get_memory_info('{device}') peak during one step, "
-        "minus current before",
-        "temp_bytes": int(peak - base),
+    c.info["allocator_peak_bytes"] = int(peak - base)
+    temp = xla_dump_temp_bytes(compiled_since) if c.mode == "xla" else None
+    if temp is not None:
+        c.info["memory"] = {
+            "method": "XLA buffer assignment's temp allocation (tf.function jit_compile=True, "
+            "--xla_dump_to), as JAX's memory_analysis()",
+            "temp_bytes": temp,
+        }
+    else:
+        c.info["memory"] = {
+            "method": f"tf.config.experimental.get_memory_info('{device}') peak during one step, "
+            "minus current before",
+            "temp_bytes": int(peak - base),
+        }
+
+
+def shape_of(config):
+    batch, seq, hidden, num_experts, top_k, width, shared = config
+    return {
+        "batch": batch,
+        "seq": seq,
+        "hidden": hidden,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "expert_width": width,
+        "shared_width": shared,
+        "dense_width": top_k * width + shared,
     }
 
 
 def bench_config(name, args, layers):
     config = (SMOKE_CONFIGS if args.smoke else CONFIGS)[name]
-    batch, seq, hidden, num_experts, top_k, width = config
+    batch, seq, hidden, num_experts, top_k, width, shared = config
     memory = args.memory != "off"
     x, candidates = build_candidates(config, args, layers, memory)
     inner = {}
     for c in candidates:
         if c.error:
             continue
+        compiled_since = time.time() - 1
         t = warm_up(c, args)
         if t is None:
             continue
         inner[c.key] = max(1, math.ceil(args.min_time / max(t, 1e-6))) if args.min_time else 1
-        if memory and BACKEND == "torch" and on_gpu():
-            torch_gpu_memory(c)
+        if memory and BACKEND == "torch":
+            if on_gpu():
+                torch_gpu_memory(c)
+            if c.mode == "eager":
+                torch_saved_bytes(c)
         elif memory and BACKEND == "tensorflow":
-            tf_memory(c)
+            tf_memory(c, compiled_since)
     live = [c for c in candidates if not c.error]
     for _ in range(args.repeats):  # interleaved: A B C A B C ...
         for c in live:
             c.times.append(c.run(inner[c.key]))
     tokens = batch * seq
-    active_flops = 3 * 2 * tokens * hidden * 3 * top_k * width  # fwd + 2x bwd, 3 matmuls
+    # fwd + 2x bwd, 3 matmuls of (d, width) per active expert, shared expert included.
+    active_flops = 3 * 2 * tokens * hidden * 3 * (top_k * width + shared)
     rows = []
     for c in candidates:
         row = {
@@ -567,17 +737,10 @@ def bench_config(name, args, layers):
             "layer": c.layer_name,
             "mode": c.mode,
             "tokens": tokens,
-            "shape": {
-                "batch": batch,
-                "seq": seq,
-                "hidden": hidden,
-                "num_experts": num_experts,
-                "top_k": top_k,
-                "expert_width": width,
-                "dense_width": top_k * width,
-            },
+            "shape": shape_of(config),
             "error": c.error,
             "times_ms": [t * 1e3 for t in c.times],
+            "load_1min": c.loads,
             "steps_per_measurement": inner.get(c.key),
             **c.info,
         }
@@ -588,7 +751,7 @@ def bench_config(name, args, layers):
         if c.layer_name in CAPACITY and not c.error:
             if c.finish is not None:
                 c.finish()
-            dropped = float(ops.convert_to_numpy(c.layer.dropped_count))
+            dropped = float(ops.convert_to_numpy(c.layer.ffn.dropped_count))
             row["dropped_fraction"] = dropped / (tokens * top_k)
         rows.append(row)
     del x, candidates, live
@@ -632,7 +795,9 @@ def rss_memory(args, rows):
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--warmup", "1"]
     configs = args.configs[:1] if args.smoke else args.configs  # smoke: check the path only
     cmd += ["--configs", *configs, "--layers", *args.layers, "--dtype", args.dtype]
-    cmd += ["--tf-mode", args.tf_mode, "--seed", str(args.seed)]
+    cmd += ["--tf-mode", args.tf_mode, "--torch-mode", "eager", "--seed", str(args.seed)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     if args.smoke:
         cmd.append("--smoke")
     env = dict(os.environ, KERAS_BACKEND=BACKEND, MALLOC_MMAP_THRESHOLD_="65536")
@@ -646,10 +811,10 @@ def rss_memory(args, rows):
         "peak RSS growth during one step (VmHWM reset via /proc/self/clear_refs), "
         "separate process with MALLOC_MMAP_THRESHOLD_=65536"
     )
-    found = {(m["config"], m["layer"], m["mode"]): m for m in json.loads(line[len("MEMORY_JSON ") :])}
+    found = {(m["config"], m["layer"]): m for m in json.loads(line[len("MEMORY_JSON ") :])}
     for row in rows:
-        m = found.get((row["config"], row["layer"], row["mode"]))
-        if m and "temp_bytes" in m:
+        m = found.get((row["config"], row["layer"]))
+        if m and "temp_bytes" in m and row["mode"] == "eager":
             row["memory"] = {"method": method, "temp_bytes": m["temp_bytes"]}
 
 
@@ -658,7 +823,7 @@ def rss_memory(args, rows):
 
 
 def best_rows(rows):
-    """One row per (config, layer): the fastest mode (TF: XLA or not)."""
+    """One row per (config, layer): the fastest mode (TF: XLA or not; torch: eager or compiled)."""
     best = {}
     for row in rows:
         key = (row["config"], row["layer"])
@@ -674,22 +839,61 @@ def mib(n):
     return f"{n / 2**20:.1f}" if n is not None else "—"
 
 
+def same_mode_temp(rows, config, mode):
+    """The dense FFN's step memory in the same mode (memory compares like with like)."""
+    for r in rows:
+        if r["config"] == config and r["layer"] == "dense_ffn" and r["mode"] == mode:
+            return r.get("memory", {}).get("temp_bytes")
+    return None
+
+
+def memory_by_mode(rows):
+    """Markdown lines: every mode's step memory and its ratio to the dense FFN's."""
+    out = ["", "Step memory by mode (ratios to the dense FFN in the same mode):", ""]
+    out += ["| config | layer | mode | step temp MiB | vs dense | allocator peak MiB |"]
+    out += ["|---|---|---|---|---|---|"]
+    for r in rows:
+        temp = r.get("memory", {}).get("temp_bytes")
+        dense = same_mode_temp(rows, r["config"], r["mode"])
+        out.append(
+            f"| {r['config']} | {r['layer']} | {r['mode']} | {mib(temp)} | "
+            + (f"{temp / dense:.2f}" if temp and dense else "—")
+            + f" | {mib(r.get('allocator_peak_bytes'))} |"
+        )
+    return out
+
+
+def load_range(rows):
+    loads = [v for r in rows for v in r.get("load_1min", []) if v is not None]
+    return f"{min(loads):.1f}–{max(loads):.1f}" if loads else "—"
+
+
 def markdown(results):
     dev = results["device"]
     rows = results["rows"]
     best = best_rows(rows)
+    torch_col = dev["backend"] == "torch"
     out = [
         f"### {dev['backend']} — {dev['device']} ({dev['framework']}, keras {dev['keras']}, "
         f"keras-hub {dev['keras_hub']}, keras-moe {dev.get('keras_moe', '?')}, "
         f"dtype policy {results['dtype']})",
         "",
+        f"Step: `x + FFN(LayerNorm(x))`, gradients of the variables and of `x`. "
         f"keras_moe dropless path: {dev['keras_moe_dropless_path']}. "
-        f"Median of {results['repeats']} interleaved repeats; ratios are median / median.",
+        f"Median of {results['repeats']} interleaved repeats; ratios are median / median. "
+        f"Machine: {dev['cpu']}; 1-minute load average during the runs "
+        f"{load_range(rows)} (column `load`: median during that layer's measurements).",
         "",
     ]
-    mode_col = dev["backend"] == "tensorflow"
-    head = "| config | T | layer |" + (" tf mode |" if mode_col else "")
-    head += " median ms | min ms | active TFLOP/s | vs dense | vs keras-hub | step temp MiB | params+opt MiB | dropped |"
+    mode_col = dev["backend"] in ("tensorflow", "torch")
+    head = "| config | T | layer |" + (" mode |" if mode_col else "")
+    head += (
+        " median ms | min ms | active TFLOP/s | vs dense | vs keras-hub | step temp MiB "
+        "| temp vs dense |"
+    )
+    if torch_col:
+        head += " saved for bwd MiB |"
+    head += " params+opt MiB | dropped | load |"
     out += [head, "|" + "---|" * (head.count("|") - 1)]
     configs = list(dict.fromkeys(r["config"] for r in rows))
     for cfg in configs:
@@ -700,7 +904,8 @@ def markdown(results):
             if row is None:
                 continue
             s = row["shape"]
-            label = f"{cfg} (E={s['num_experts']}, k={s['top_k']}, h={s['expert_width']})"
+            label = f"{cfg} (E={s['num_experts']}, k={s['top_k']}, h={s['expert_width']}"
+            label += f", shared {s['shared_width']})" if s.get("shared_width") else ")"
             cells = [label, str(row["tokens"]), layer]
             if mode_col:
                 others = [
@@ -715,14 +920,16 @@ def markdown(results):
                     )
                 cells.append(note)
             if "median_ms" not in row:
-                cells += [f"failed: {row['error']}"] + ["—"] * 8
+                n_rest = head.count("|") - 1 - len(cells) - 1
+                cells += [f"failed: {row['error']}"] + ["—"] * n_rest
                 out.append("| " + " | ".join(cells) + " |")
                 continue
             med = row["median_ms"]
-            mem = row.get("memory", {})
-            temp = mem.get("temp_bytes")
+            temp = row.get("memory", {}).get("temp_bytes")
+            dense_temp = same_mode_temp(rows, cfg, row["mode"])
             state = row["param_bytes"] + row["optimizer_bytes"]
             dropped = row.get("dropped_fraction")
+            loads = [v for v in row.get("load_1min", []) if v is not None]
             cells += [
                 f"{med:.2f}",
                 f"{row['min_ms']:.2f}",
@@ -730,17 +937,21 @@ def markdown(results):
                 f"{med / dense:.2f}" if dense else "—",
                 f"{med / hub:.2f}" if hub else "—",
                 mib(temp),
+                f"{temp / dense_temp:.2f}" if temp and dense_temp else "—",
+            ]
+            if torch_col:
+                cells.append(mib(row.get("saved_for_backward_bytes")))
+            cells += [
                 mib(state),
                 f"{dropped:.1%}" if dropped is not None else "",
+                f"{statistics.median(loads):.1f}" if loads else "—",
             ]
             out.append("| " + " | ".join(cells) + " |")
     sweep = [c for c in (SMOKE_SWEEP if results["smoke"] else SWEEP) if c in configs]
     if len(sweep) >= 2:
         tokens = {c: next(r["tokens"] for r in rows if r["config"] == c) for c in sweep}
         head = "| layer | " + " | ".join(f"T={tokens[c]} ms" for c in sweep) + " |"
-        quads = [
-            (a, b) for a in sweep for b in sweep if tokens[b] == 4 * tokens[a]
-        ]
+        quads = [(a, b) for a in sweep for b in sweep if tokens[b] == 4 * tokens[a]]
         head += "".join(f" t({tokens[b]})/t({tokens[a]}) |" for a, b in quads)
         out += ["", "Token sweep (config e8k2); a linear layer gives 4.0 for 4x the tokens:", ""]
         out += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -754,18 +965,55 @@ def markdown(results):
                 tb = best.get((b, layer), {}).get("median_ms")
                 cells.append(f"{tb / ta:.2f}" if ta and tb else "—")
             out.append("| " + " | ".join(cells) + " |")
+    if dev["backend"] == "tensorflow" and len({r["mode"] for r in rows}) > 1:
+        out += memory_by_mode(rows)
     methods = sorted({r["memory"]["method"] for r in rows if "memory" in r})
-    out += ["", "Memory: " + ("; ".join(methods) if methods else "not measured") + "."]
+    out += ["", "Memory (`step temp`): " + ("; ".join(methods) if methods else "not measured") + "."]
     if dev["backend"] == "jax":
         out.append(
             "JAX 'step temp' is XLA's temp_size_in_bytes (scratch beyond arguments/outputs, "
-            "which hold params, optimizer state and input)."
+            "which hold params, optimizer state, input and input gradient)."
+        )
+    if dev["backend"] == "tensorflow":
+        out.append(
+            "TensorFlow with XLA: the allocator's peak also holds the new values of every updated "
+            "variable and optimizer slot (XLA writes them to fresh buffers), E/k times more for an "
+            "MoE; the XLA temp excludes them like JAX's. Without XLA: the allocator's peak."
+        )
+    if torch_col:
+        out.append(
+            "`saved for bwd`: bytes of the tensors autograd keeps for the backward pass "
+            "(`torch.autograd.graph.saved_tensors_hooks`, storages counted once, variables and input excluded)."
         )
     return "\n".join(out)
 
 
+def result_paths(args, desc):
+    parts = [device_slug(desc), BACKEND]
+    if args.dtype != "float32":
+        parts.append(args.dtype)
+    if args.tag:
+        parts.append(args.tag)
+    stem = os.path.join(args.results_dir, "_".join(parts))
+    return stem + ".md", stem + ".json"
+
+
+def set_threads(threads):
+    if not threads:
+        return
+    if BACKEND == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+
+
 def main(args):
     keras.config.set_dtype_policy(args.dtype)
+    set_threads(args.threads)
     if args.memory_child:
         memory_child(args)
         return
@@ -777,6 +1025,9 @@ def main(args):
         "warmup": args.warmup,
         "smoke": args.smoke,
         "argv": sys.argv[1:],
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "load_before": load_average(),
         "rows": [],
     }
     print(f"# {results['device']}", flush=True)
@@ -800,9 +1051,21 @@ def main(args):
     print()
     print(table)
     results["markdown"] = table
-    if args.out:
-        with open(args.out, "w") as f:
+    paths = [args.out] if args.out else []
+    if args.results_dir:
+        os.makedirs(args.results_dir, exist_ok=True)
+        md_path, json_path = result_paths(args, results["device"])
+        with open(md_path, "w") as f:
+            f.write(
+                f"<!-- written by benchmarks/layer_speed.py {' '.join(sys.argv[1:])} on "
+                f"{results['date']} -->\n\n{table}\n"
+            )
+        paths.append(json_path)
+        print(f"\nwrote {md_path}")
+    for path in paths:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
+        print(f"wrote {path}")
     for r in results["rows"]:
         if r["error"]:
             print(f"failed: {r['config']} {r['layer']} {r['mode']}: {r['error']}", file=sys.stderr)

@@ -17,6 +17,8 @@ MODULES = [
     "keras_moe.models.multi_task",
     "keras_moe.models.shared_bottom",
     "keras_moe.routers.top_k_router",
+    "keras_moe.dispatch.blocks",
+    "keras_moe.dispatch.dropless",
     "keras_moe.routers.noisy_top_k_router",
     "keras_moe.routers.expert_choice_router",
     "keras_moe.experts.base",

@@ -268,7 +268,7 @@ def _run_received(received, labels, local_experts, block_size, run_blocks):
     receive order.
     """
     from keras_moe.dispatch import blocks
-    from keras_moe.dispatch.dropless import sort_by_expert
+    from keras_moe.dispatch.blocks import sort_by_expert
 
     is_row = labels < local_experts
     order, row_experts, group_sizes = sort_by_expert(
@@ -309,7 +309,7 @@ def dropless(x, expert_indices, expert_weights, valid, experts, training=None):
     """
     # Imported here: dispatch and experts import this package.
     from keras_moe.dispatch import blocks
-    from keras_moe.dispatch.dropless import sort_by_expert
+    from keras_moe.dispatch.blocks import sort_by_expert
     from keras_moe.distribution import sharding as plan
     from keras_moe.experts.stacked_experts import StackedExperts
 

@@ -6,17 +6,18 @@ sorted so that the first `group_sizes[0]` rows belong to expert 0, the next
 after `sum(group_sizes)` are padding: their output is unspecified (finite),
 and callers discard it.
 
+`grouped_outer(x, dy, group_sizes)` is its kernel gradient. Dropless
+dispatch uses both for its `"grouped"` strategy (see
+`keras_moe.dispatch.grouped`).
+
 Fast paths, chosen by `has_grouped_matmul()`:
 - JAX on GPU/TPU: `jax.lax.ragged_dot` (on CPU XLA lowers it to a dense
   product over every group, E times the work, so it is not offered there;
-  on an H100 with jax 0.11 it was slower than the batched blocks layout, so
-  dropless dispatch only uses it when asked to).
+  on an H100 with jax 0.11 it was slower than the batched blocks layout).
 - PyTorch: `torch._grouped_mm` (with an explicit backward: its autograd
   formula rejects the expanded gradients Keras losses produce).
 - TensorFlow outside XLA: a split into per-expert row ranges (dynamic sizes)
   and one matmul per expert; exact work, no padding.
-Elsewhere (`has_grouped_matmul()` is False) the caller pads the rows into
-per-expert blocks instead (`keras_moe.dispatch.blocks`).
 """
 
 import functools
@@ -87,7 +88,8 @@ def grouped_matmul(x, kernels, group_sizes):
     Args:
         x: `(N, d)` rows sorted by group.
         kernels: `(E, d, h)` one matrix per group.
-        group_sizes: `(E,)` int32 rows per group; may sum to less than `N`.
+        group_sizes: `(E,)` int32 rows per group, multiples of 8 (PyTorch's
+            alignment); may sum to less than `N`.
 
     Returns:
         `(N, h)` in the dtype of `x`.
@@ -108,6 +110,51 @@ def grouped_matmul(x, kernels, group_sizes):
     )
 
 
+def grouped_outer(left, right, group_sizes):
+    """Per group, the sum of `left[i]^T right[i]` over its rows.
+
+    The kernel gradient of `grouped_matmul`: with `y = grouped_matmul(x,
+    kernels, group_sizes)`, `d kernels = grouped_outer(x, dy, group_sizes)`.
+
+    Args:
+        left: `(N, a)` rows sorted by group.
+        right: `(N, b)` rows, same order.
+        group_sizes: `(E,)` int32 rows per group, multiples of 8 (PyTorch's
+            alignment); rows after their sum are ignored.
+
+    Returns:
+        `(E, a, b)` in the dtype of `left`.
+    """
+    name = _fast_path_name()
+    left, right, group_sizes = (
+        keras.ops.convert_to_tensor(t) for t in (left, right, group_sizes)
+    )
+    if name == "jax_ragged_dot":
+        return _jax_ragged_outer(left, right, group_sizes.astype("int32"))
+    if name == "torch_grouped_mm":
+        return _torch_grouped_outer(left, right, group_sizes)
+    if name == "tf_split_matmul":
+        return _tf_split_outer(left, right, group_sizes)
+    raise NotImplementedError(
+        "No grouped-matmul fast path on this backend/device; check has_grouped_matmul()."
+    )
+
+
+def _torch_offsets(group_sizes, rows):
+    import torch
+
+    offsets = torch.cumsum(group_sizes.to(torch.int64), 0).to(torch.int32)
+    # Padding rows join the last group: computed, then discarded by the caller.
+    return torch.cat([offsets[:-1], torch.full_like(offsets[-1:], rows)])
+
+
+def _torch_pad(t, rows_to, cols_to):
+    import torch
+
+    pad_rows, pad_cols = -t.shape[0] % rows_to, -t.shape[1] % cols_to
+    return torch.nn.functional.pad(t, (0, pad_cols, 0, pad_rows)) if pad_rows or pad_cols else t
+
+
 def _torch_grouped_mm(x, kernels, group_sizes):
     import torch
 
@@ -117,15 +164,25 @@ def _torch_grouped_mm(x, kernels, group_sizes):
     # torch._grouped_mm wants 16-byte aligned rows in the forward and in the
     # backward (where the row count is the inner dimension): pad rows and
     # both feature sizes to multiples of 8 with zeros.
-    pad_n, pad_d, pad_h = -n % 8, -d % 8, -h % 8
-    if pad_n or pad_d:
-        x = torch.nn.functional.pad(x, (0, pad_d, 0, pad_n))
+    x = _torch_pad(x, 8, 8)
+    pad_d, pad_h = -d % 8, -h % 8
     if pad_d or pad_h:
         kernels = torch.nn.functional.pad(kernels, (0, pad_h, 0, pad_d))
-    offsets = torch.cumsum(group_sizes.to(torch.int64), 0).to(torch.int32)
-    # Padding rows join the last group: computed, then discarded by the caller.
-    offsets = torch.cat([offsets[:-1], torch.full_like(offsets[-1:], n + pad_n)])
+    offsets = _torch_offsets(group_sizes, x.shape[0])
     return _torch_grouped_mm_function().apply(x, kernels, offsets)[:n, :h]
+
+
+def _torch_grouped_outer(left, right, group_sizes):
+    import torch
+
+    a, b = left.shape[1], right.shape[1]
+    right = right.to(left.dtype)
+    left, right = _torch_pad(left, 8, 8), _torch_pad(right, 8, 8)
+    # The groups split the inner (row) dimension: (a, N) @ (N, b) per group;
+    # rows after the last group are left out.
+    offsets = torch.cumsum(group_sizes.to(torch.int64), 0).to(torch.int32)
+    out = torch._grouped_mm(left.t().contiguous(), right.contiguous(), offs=offsets)
+    return out[:, :a, :b]
 
 
 def _tf_split_matmul(x, kernels, group_sizes):
@@ -141,6 +198,28 @@ def _tf_split_matmul(x, kernels, group_sizes):
     # Padding rows after the last group: zeros of the output width.
     outputs.append(tf.zeros((rest, kernels.shape[2]), x.dtype))
     return tf.concat(outputs, axis=0)
+
+
+def _tf_split_outer(left, right, group_sizes):
+    import tensorflow as tf
+
+    num_groups = group_sizes.shape[0]
+    rest = tf.shape(left)[0] - tf.reduce_sum(group_sizes)
+    sizes = tf.concat([group_sizes, [rest]], axis=0)
+    lefts = tf.split(left, sizes, num=num_groups + 1)
+    rights = tf.split(right, sizes, num=num_groups + 1)
+    return tf.stack(
+        [tf.matmul(lefts[e], rights[e], transpose_a=True) for e in range(num_groups)]
+    )
+
+
+def _jax_ragged_outer(left, right, group_sizes):
+    import jax
+
+    # The kernel gradient of ragged_dot, as JAX's own autodiff computes it.
+    kernels = jax.numpy.zeros((group_sizes.shape[0], left.shape[1], right.shape[1]), left.dtype)
+    _, vjp = jax.vjp(lambda k: jax.lax.ragged_dot(left, k, group_sizes), kernels)
+    return vjp(right.astype(left.dtype))[0]
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,104 +1,119 @@
 """Dropless dispatch: every routed assignment is computed exactly once."""
 
+import os
+
+import keras
 from keras import ops
 
 from keras_moe import backend as fast
 from keras_moe.dispatch import blocks
-
-
-def sort_by_expert(expert_indices, valid, num_experts):
-    """Orders the `N = tokens * k` assignments by expert, stably.
-
-    Args:
-        expert_indices: `(tokens, k)` int32.
-        valid: `(tokens, k)` bool; invalid assignments sort last.
-        num_experts: int `E`.
-
-    Returns:
-        `(order (N,), row_experts (N,), group_sizes (E,))`, all int32:
-        `order[i]` is the flat assignment index (`token * k + j`) of sorted
-        row `i`, `row_experts[i]` its expert (`E` for invalid ones).
-    """
-    experts = ops.where(valid, expert_indices, num_experts)
-    experts = ops.cast(ops.reshape(experts, (-1,)), "int32")
-    num = ops.shape(experts)[0]
-    # Unique keys make the sort stable on every backend (TF's argsort is not).
-    keys = experts * num + ops.arange(num, dtype="int32")
-    order = ops.cast(ops.argsort(keys), "int32")
-    row_experts = ops.take(experts, order)
-    group_sizes = ops.segment_sum(
-        ops.ones_like(experts), experts, num_segments=num_experts + 1, sorted=False
-    )[:num_experts]
-    return order, row_experts, ops.cast(group_sizes, "int32")
-
-
-STRATEGIES = ("grouped", "scan", "batched")
+from keras_moe.dispatch.grouped import STRATEGIES
 
 
 def default_strategy():
     """How dropless dispatch runs the experts on this backend and device.
 
-    - `"grouped"`: rows through the backend's grouped matmul
-      (`keras_moe.backend.grouped_matmul`): the default on CPUs where there
-      is one (PyTorch's `torch._grouped_mm`, TensorFlow graphs outside XLA).
-    - `"scan"`: per-expert blocks, a scan of dense matmuls: the default on
-      CPUs without a grouped matmul (JAX, TensorFlow under XLA).
-    - `"batched"`: per-expert blocks, one batched einsum over per-block
-      copies of the kernels: the default on GPUs and TPUs. On an H100 it
-      beat `jax.lax.ragged_dot` (1.7 vs 3.4 ms per training step, E=8,
-      k=2, T=4096) and `torch._grouped_mm` (10.0 vs 13.7 ms).
+    See `keras_moe.dispatch.grouped` for what each strategy does. The
+    environment variable `KERAS_MOE_DROPLESS_STRATEGY` (one of
+    `STRATEGIES`) overrides the choice, e.g. to compare strategies in a
+    benchmark.
+
+    - `"ranges"` on CPUs with dynamic shapes: PyTorch, TensorFlow graphs
+      outside XLA (a Python loop over the experts' exact row ranges).
+    - `"grouped"` under `torch.compile` (`torch._grouped_mm`: no sizes read
+      on the host).
+    - `"scan"` on CPUs under XLA: JAX, TensorFlow with `jit_compile=True`
+      (a compiled loop over fixed-size blocks of each expert's rows).
+    - `"batched"` on GPUs and TPUs: one batched einsum over per-block copies
+      of the kernels. On an H100 (measured before the fused gathers, with
+      `T = 4096`, `E = 8`, `k = 2`) it beat `jax.lax.ragged_dot` (1.7 vs
+      3.4 ms per training step) and `torch._grouped_mm` (10.0 vs 13.7 ms).
     """
+    chosen = os.environ.get("KERAS_MOE_DROPLESS_STRATEGY")
+    if chosen:
+        if chosen not in STRATEGIES:
+            raise ValueError(
+                f"KERAS_MOE_DROPLESS_STRATEGY must be one of {STRATEGIES}. Received: {chosen!r}"
+            )
+        return chosen
     if fast.on_accelerator():
         return "batched"
-    return "grouped" if fast.has_grouped_matmul() else "scan"
+    if fast.eager_shapes():
+        return "ranges"
+    if keras.backend.backend() == "torch":  # under torch.compile
+        return "grouped"
+    return "ranges" if fast.has_grouped_matmul() else "scan"
 
 
-def dispatch_dropless(x, expert_indices, expert_weights, valid, experts, training=None, strategy=None):
+def describe_strategy(strategy):
+    """One line on what `strategy` does (for benchmark tables)."""
+    return {
+        "ranges": "a loop over the experts' exact row ranges, one matmul per expert and projection",
+        "scan": "a compiled loop over fixed-size blocks of each expert's rows",
+        "grouped": "all rows through the backend grouped matmul",
+        "batched": "one batched einsum over per-block copies of the kernels",
+    }[strategy]
+
+
+def dispatch_dropless(
+    x, expert_indices, expert_weights, valid, experts, training=None, strategy=None, block_size=None
+):
     """Runs every valid assignment through its expert and combines.
+
+    The assignments are laid out as per-expert rows (`blocks.plan_rows`),
+    the experts run on them (`StackedExperts.call_dropless`: the tokens are
+    gathered into the first projection and the weighted last projection is
+    combined back into the tokens, see `keras_moe.dispatch.grouped`).
 
     Args:
         x: `(tokens, hidden)`.
-        expert_indices: `(tokens, k)` int32.
+        expert_indices: `(tokens, k)` int32; a token's `k` experts are
+            distinct.
         expert_weights: `(tokens, k)` combine weights.
-        valid: `(tokens, k)` bool, False for masked tokens.
+        valid: `(tokens, k)` bool, False for assignments that must add
+            nothing (masked tokens); they are never computed, and their
+            weights are never read.
         experts: a `StackedExperts`.
+        training: bool, training mode (expert dropout).
         strategy: one of `STRATEGIES`, or `None` for `default_strategy()`.
+        block_size: int, rows per block, or `None` for `1` with `"ranges"`
+            (exact row ranges), `8` with `"grouped"` (16-byte aligned
+            groups) and `block_size_for(...)` otherwise.
 
     Returns:
         `outputs (tokens, hidden)`.
+
+    Examples:
+        >>> import numpy as np
+        >>> from keras_moe.experts import StackedExperts
+        >>> experts = StackedExperts(num_experts=4, intermediate_dim=8, gated=True)
+        >>> experts.build((None, 6))
+        >>> x = np.random.default_rng(0).standard_normal((5, 6)).astype("float32")
+        >>> indices = np.array([[0, 1], [2, 3], [1, 0], [3, 2], [0, 2]], "int32")
+        >>> weights = np.full((5, 2), 0.5, "float32")
+        >>> valid = np.ones((5, 2), bool)
+        >>> tuple(dispatch_dropless(x, indices, weights, valid, experts).shape)
+        (5, 6)
     """
     x = ops.convert_to_tensor(x)
-    tokens, hidden = ops.shape(x)
-    k = ops.shape(expert_indices)[1]
-    num_experts = experts.num_experts
     strategy = strategy or default_strategy()
     if strategy not in STRATEGIES:
         raise ValueError(f"`strategy` must be one of {STRATEGIES}. Received: strategy={strategy!r}")
-    order, row_experts, group_sizes = sort_by_expert(expert_indices, valid, num_experts)
-    x_sorted = ops.take(x, order // k, axis=0)  # (N, hidden)
-
-    if strategy == "grouped":
-        block_size = 8  # keeps every group 16-byte aligned
-    else:
-        block_size = blocks.block_size_for(ops.shape(x_sorted)[0], num_experts)
-    x_blocks, block_experts, block_sizes, destinations = blocks.to_blocks(
-        x_sorted, row_experts, group_sizes, num_experts, block_size
-    )
-    if strategy == "grouped":
-        rows = ops.reshape(x_blocks, (-1, hidden))
-        y_rows = experts.call_grouped(
-            rows, ops.repeat(block_experts, block_size), block_sizes, training=training
+    if strategy == "ranges" and not getattr(experts, "exact_row_ranges", False):
+        # Custom experts (`keras_moe.experts.Experts`) run rows in blocks or
+        # through the grouped matmul, not as exact row ranges.
+        strategy = "grouped" if fast.has_grouped_matmul() else "scan"
+    if strategy == "ranges" and keras.backend.backend() == "jax":
+        raise ValueError(
+            "`strategy='ranges'` needs dynamic shapes (PyTorch, TensorFlow graphs); "
+            "on JAX use 'scan', 'grouped' or 'batched'. Received: strategy='ranges'"
         )
-        y_blocks = ops.reshape(y_rows, ops.shape(x_blocks))
-    else:
-        y_blocks = experts.call_blocks(
-            x_blocks, block_experts, training=training, gather_weights=strategy == "batched"
+    num_experts = experts.num_experts
+    if block_size is None:
+        num_rows = ops.shape(expert_indices)[0] * ops.shape(expert_indices)[1]
+        block_size = {"ranges": 1, "grouped": 8}.get(strategy) or blocks.block_size_for(
+            num_rows, num_experts
         )
-    y_sorted = blocks.from_blocks(y_blocks, destinations)  # (N, hidden)
-
-    # Undo the sort (the inverse of a permutation is its argsort).
-    inverse = ops.argsort(order)
-    y = ops.reshape(ops.take(y_sorted, inverse, axis=0), (tokens, k, hidden))
-    # where, not a product: rows of invalid assignments are never trusted.
-    y = ops.where(ops.expand_dims(valid, -1), y, ops.zeros((), y.dtype))
-    return ops.einsum("tkd,tk->td", y, ops.cast(expert_weights, y.dtype))
+    plan = blocks.plan_rows(expert_indices, valid, num_experts, block_size)
+    weights = ops.cast(blocks.row_weights(expert_weights, plan), x.dtype)  # (R,)
+    return experts.call_dropless(x, plan, weights, strategy, training=training)

@@ -7,14 +7,15 @@ What `keras_moe.layers.MoE` needs from its `experts`:
   for a capacity buffer `(..., E, C, hidden)`, returning `(..., E, C, out)`
   with `out == hidden` (the layer adds the result to a residual stream).
   This is all capacity dispatch and router-named slots (Expert Choice) use.
-- Dropless dispatch (no capacity factor) also needs the rows of each expert
-  without padding them to a capacity: `call_blocks(x_blocks, block_experts,
-  training=None, gather_weights=False)` on `(blocks, B, hidden)` blocks that
-  each hold rows of the expert `block_experts[n]`, and `call_grouped(
-  x_sorted, row_experts, group_sizes, training=None)` on rows `(N, hidden)`
-  sorted by expert (`group_sizes (E,)` rows each, padding rows after them).
+- Dropless dispatch (no capacity factor) also needs the experts on the
+  routed tokens without padding them to a capacity: `call_dropless(x, plan,
+  row_weights, strategy, training=None)` maps the tokens `x (T, hidden)` to
+  `(T, hidden)`, each token the sum of its experts' outputs scaled by
+  `row_weights (R,)`, following a `keras_moe.dispatch.RowPlan` (the
+  assignments as `R` rows sorted by expert, in blocks of `B` rows of one
+  expert). `StackedExperts` fuses the data moves into its matmuls there.
 
-`Experts` below derives all three from one method, `expert_call(x, layout,
+`Experts` below derives these from one method, `expert_call(x, layout,
 training)`, the experts' formula written with `layout.linear(t, kernel,
 bias)` for every per-expert linear map and `layout.param(p)` for any other
 per-expert parameter. A layer that only has `call` works with capacity
@@ -91,6 +92,12 @@ class _GroupedLayout:
 
 
 class Experts(keras.layers.Layer):
+    # Dropless dispatch gives `call_dropless` exact per-expert row ranges
+    # (block size 1, the `"ranges"` strategy) only where this is True; the
+    # base class runs rows in blocks or through a grouped matmul, which
+    # needs groups of a multiple of 8 rows.
+    exact_row_ranges = False
+
     """Base class of custom stacked experts: write the formula once.
 
     A subclass stores `E` experts as stacked variables with a leading expert
@@ -101,8 +108,9 @@ class Experts(keras.layers.Layer):
     `layout.param(p)`. Element-wise operations (activations, dropout) are
     written as usual. The base class then runs the formula in each layout
     the dispatchers use (see the module docstring): capacity buffers
-    `(..., E, C, hidden)` (`call`), per-expert blocks (`call_blocks`) and
-    sorted rows (`call_grouped`), so the subclass works with every
+    `(..., E, C, hidden)` (`call`) and the dropless rows (`call_dropless`,
+    through per-expert blocks, `call_blocks`, or sorted rows and the backend
+    grouped matmul, `call_grouped`), so the subclass works with every
     `keras_moe.layers.MoE` mode, dropless included, and only the chosen
     experts are ever computed.
 
@@ -173,6 +181,45 @@ class Experts(keras.layers.Layer):
         """Experts on rows `(N, hidden)` sorted by expert (grouped-matmul fast path)."""
         layout = _GroupedLayout(row_experts, group_sizes, self.num_experts)
         return self.expert_call(x_sorted, layout, training=training)
+
+    def call_dropless(self, x, plan, row_weights, strategy, training=None):
+        """Experts on routed tokens, every assignment computed: `(T, d)` -> `(T, d)`.
+
+        The tokens are gathered into the plan's rows (`gather_rows`), the
+        formula runs on them per block of one expert (`call_blocks`; with
+        the `"batched"` strategy over per-block copies of the kernels) or,
+        with the `"grouped"` strategy, on all rows at once through the
+        backend grouped matmul (`call_grouped`; dispatch runs these experts
+        with `"grouped"` where it would run `StackedExperts` with exact
+        row ranges), and each token sums its rows scaled by
+        `row_weights` (`combine_rows`). Padding rows are computed on zeros
+        and never read.
+
+        Args:
+            x: `(T, d)` tokens.
+            plan: a `keras_moe.dispatch.RowPlan` of the routing.
+            row_weights: `(R,)` combine weight of each row.
+            strategy: one of `keras_moe.dispatch.STRATEGIES`.
+            training: bool, training mode.
+
+        Returns:
+            `(T, d)`.
+        """
+        from keras_moe.dispatch import blocks  # dispatch imports the experts package
+
+        rows = blocks.gather_rows(x, plan)  # (R, d)
+        if strategy == "grouped":
+            y = self.call_grouped(rows, plan.row_experts, plan.group_sizes, training=training)
+        else:
+            block_size = plan.block_size
+            x_blocks = ops.reshape(rows, (-1, block_size, ops.shape(rows)[-1]))
+            y = self.call_blocks(
+                x_blocks, plan.block_experts, training=training,
+                gather_weights=strategy == "batched",
+            )
+            y = ops.reshape(y, (-1, ops.shape(y)[-1]))  # (R, d)
+        y = y * ops.expand_dims(ops.cast(row_weights, y.dtype), -1)
+        return blocks.combine_rows(y, plan)
 
     def compute_output_shape(self, input_shape):
         return input_shape

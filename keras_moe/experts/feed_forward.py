@@ -14,17 +14,30 @@ def feed_forward(x, project, activation, gated):
 
     `project(tensor, name)` applies the projection `name` in
     `{"up", "gate", "down"}` (kernel and bias) in whatever layout the caller
-    holds its tokens; this is the one place the FFN formula is written. A
-    `GatedActivation` combines the two halves itself: `down(act(gate, up))`.
+    holds its tokens; this and `activate` are the one place the FFN formula
+    is written. A `GatedActivation` combines the two halves itself:
+    `down(act(gate, up))`.
     """
-    hidden = project(x, "up")
-    if gated and activations.is_gated(activation):
-        hidden = activation(project(x, "gate"), hidden)
-    elif gated:
-        hidden = activation(project(x, "gate")) * hidden
-    else:
-        hidden = activation(hidden)
-    return project(hidden, "down")
+    first = [project(x, "up")] + ([project(x, "gate")] if gated else [])
+    return project(activate(first, activation), "down")
+
+
+def activate(first, activation):
+    """The FFN's hidden activation from its first projections.
+
+    Args:
+        first: `[up]`, or `[up, gate]` for a gated linear unit.
+        activation: the activation function, or a `GatedActivation` (which
+            takes both halves: `act(gate, up)`).
+
+    Returns:
+        `act(up)`, `act(gate) * up`, or `act(gate, up)`.
+    """
+    if len(first) == 2:
+        if activations.is_gated(activation):
+            return activation(first[1], first[0])
+        return activation(first[1]) * first[0]
+    return activation(first[0])
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")

@@ -3,9 +3,10 @@
 import keras
 from keras import ops
 
-from keras_moe import backend as fast
+from keras_moe.dispatch import grouped
 from keras_moe.experts import activations
 from keras_moe.experts.contractions import stacked_matmul
+from keras_moe.experts.feed_forward import activate
 from keras_moe.experts.feed_forward import feed_forward
 from keras_moe.experts.initializers import StackedInitializer
 from keras_moe.validation import check_bool
@@ -24,10 +25,8 @@ class StackedExperts(keras.layers.Layer):
     layouts the dispatchers produce:
 
     - `call(x)`: a capacity buffer `(..., E, C, hidden)`, one batched matmul.
-    - `call_blocks(x_blocks, block_experts)`: `(blocks, B, hidden)` blocks of
-      rows of one expert each (dropless, portable).
-    - `call_grouped(x_sorted, row_experts, group_sizes)`: rows sorted by
-      expert, through a backend grouped matmul (dropless, fast path).
+    - `call_dropless(x, plan, row_weights, strategy)`: tokens `(T, hidden)`
+      with a routing plan; every assignment computed (dropless dispatch).
 
     Args:
         num_experts: int >= 1.
@@ -50,6 +49,9 @@ class StackedExperts(keras.layers.Layer):
         >>> tuple(experts(np.zeros((4, 3, 16), "float32")).shape)
         (4, 3, 16)
         """
+
+    # `call_dropless` runs exact per-expert row ranges (see `Experts`).
+    exact_row_ranges = True
 
     def __init__(
         self,
@@ -142,52 +144,45 @@ class StackedExperts(keras.layers.Layer):
             self._dropout_mask(hidden_shape, training),
         )
 
-    def call_blocks(self, x_blocks, block_experts, training=None, gather_weights=False):
-        """Experts on `(blocks, B, hidden)`, block `n` all of `block_experts[n]`.
+    def call_dropless(self, x, plan, row_weights, strategy, training=None):
+        """Experts on routed tokens, every assignment computed: `(T, d)` -> `(T, d)`.
 
-        By default a loop (`ops.map`) over blocks: each step slices its expert's kernels
-        in place, so no `(blocks, hidden, width)` copy of the weights is made
-        (best on CPUs). With `gather_weights=True`, one batched einsum over
-        per-block copies of the kernels instead: more memory, one kernel
-        launch (best on accelerators).
+        The first projection(s) gather the tokens into per-expert rows and the
+        last one, scaled by the combine weights, sums the rows back into the
+        tokens (`keras_moe.dispatch.grouped`), so that no `(R, d)` copy of the
+        tokens is kept for the backward pass; the hidden activations are
+        `(R, intermediate_dim)`.
+
+        Args:
+            x: `(T, d)` tokens.
+            plan: a `keras_moe.dispatch.blocks.RowPlan` of the routing.
+            row_weights: `(R,)` combine weight of each row.
+            strategy: one of `keras_moe.dispatch.STRATEGIES`.
+            training: bool, training mode (dropout).
+
+        Returns:
+            `(T, d)`: for each token the weighted sum of its experts' outputs.
         """
-        blocks, block_size = ops.shape(x_blocks)[0], ops.shape(x_blocks)[1]
-        mask = self._dropout_mask((blocks, block_size, self.intermediate_dim), training)
-        if gather_weights:
-            return self._run(
-                x_blocks,
-                lambda t, kernel: ops.einsum(
-                    "nbd,ndh->nbh", t, ops.take(kernel, block_experts, axis=0)
-                ),
-                lambda y, bias: y + ops.expand_dims(ops.take(bias, block_experts, axis=0), 1),
-                mask,
-            )
-        xs = (x_blocks, block_experts) if mask is None else (x_blocks, block_experts, mask)
-
-        def step(inputs):
-            x, expert = inputs[0], inputs[1]
-            return self._run(
-                x,
-                lambda t, kernel: ops.matmul(t, ops.take(kernel, expert, axis=0)),
-                lambda y, bias: y + ops.take(bias, expert, axis=0),
-                inputs[2] if len(inputs) > 2 else None,
-            )
-
-        # `ops.map`, not `ops.scan`: TensorFlow cannot differentiate its scan
-        # under XLA ("fixed tensor list size"); its map compiles.
-        return ops.map(fast.keep_only_matmuls(step), xs)
-
-    def call_grouped(self, x_sorted, row_experts, group_sizes, training=None):
-        """Experts on rows `(N, hidden)` sorted by expert (fast path only)."""
-        rows = ops.shape(x_sorted)[0]
-        expert_of_row = ops.minimum(row_experts, self.num_experts - 1)
-        return self._run(
-            x_sorted,
-            lambda t, kernel: fast.grouped_matmul(
-                t, ops.convert_to_tensor(kernel), group_sizes
-            ),
-            lambda y, bias: y + ops.take(bias, expert_of_row, axis=0),
-            self._dropout_mask((rows, self.intermediate_dim), training),
+        rows = ops.shape(plan.row_experts)[0]
+        hidden_mask = self._dropout_mask((rows, self.intermediate_dim), training)
+        # The first projections share one gather of the tokens.
+        names = ["up", "gate"] if self.gated else ["up"]
+        kernels = [ops.convert_to_tensor(self._params(name)[0]) for name in names]
+        first = grouped.gather_matmul(x, kernels, plan, strategy)  # [(R, h)]
+        for i, name in enumerate(names):
+            bias = self._params(name)[1]
+            if bias is not None:
+                first[i] = first[i] + ops.take(bias, plan.row_experts, axis=0)
+        kernel, bias = self._params("down")
+        return grouped.matmul_combine(
+            first,
+            row_weights,
+            ops.convert_to_tensor(kernel),
+            None if bias is None else ops.convert_to_tensor(bias),
+            plan,
+            strategy,
+            activation=lambda *first: activate(first, self.activation),
+            mask=hidden_mask,
         )
 
     def compute_output_shape(self, input_shape):

@@ -539,7 +539,7 @@ class MoE(keras.layers.Layer):
 
 
 #: The experts' methods dropless dispatch calls (see `keras_moe.experts.base`).
-DROPLESS_METHODS = ("call_blocks", "call_grouped")
+DROPLESS_METHODS = ("call_dropless",)
 
 
 def supports_dropless(experts):
