@@ -224,7 +224,7 @@ def make_train(layer, x):
     elif BACKEND == "tensorflow":
         step, _, info = layer_speed.make_tf_step(layer, optimizer, x, jit_compile=False)
     else:
-        step, _, info = layer_speed.make_torch_step(layer, optimizer, x)
+        step, _, info = layer_speed.make_torch_step(layer, optimizer, x, compiled=False)
     return step, info
 
 

@@ -485,7 +485,7 @@ def make_tf_step(layer, optimizer, x, jit_compile):
     return step, None, {}
 
 
-def make_torch_step(layer, optimizer, x, compiled):
+def make_torch_step(layer, optimizer, x, compiled=False):
     import torch
 
     variables = layer.trainable_variables

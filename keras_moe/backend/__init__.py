@@ -5,6 +5,7 @@ returns `None` (or reports unavailable) where no fast path applies, and the
 caller uses its portable version instead; tests check that both agree.
 """
 
+from keras_moe.backend.eager import eager_jit
 from keras_moe.backend.gradients import custom_gradient
 from keras_moe.backend.gradients import vjp
 from keras_moe.backend.grouped_matmul import grouped_matmul

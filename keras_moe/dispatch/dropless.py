@@ -114,6 +114,17 @@ def dispatch_dropless(
         block_size = {"ranges": 1, "grouped": 8}.get(strategy) or blocks.block_size_for(
             num_rows, num_experts
         )
-    plan = blocks.plan_rows(expert_indices, valid, num_experts, block_size)
-    weights = ops.cast(blocks.row_weights(expert_weights, plan), x.dtype)  # (R,)
-    return experts.call_dropless(x, plan, weights, strategy, training=training)
+
+    def run(experts, x, expert_indices, expert_weights, valid):
+        plan = blocks.plan_rows(expert_indices, valid, num_experts, block_size)
+        weights = ops.cast(blocks.row_weights(expert_weights, plan), x.dtype)  # (R,)
+        return experts.call_dropless(x, plan, weights, strategy, training=training)
+
+    args = (x, expert_indices, expert_weights, valid)
+    if not training:
+        # Eager JAX compiles the expert loops on every call; reuse one
+        # compiled program instead (training calls may draw dropout).
+        outputs = fast.eager_jit(experts, ("dispatch_dropless", strategy, block_size), run, *args)
+        if outputs is not None:
+            return outputs
+    return run(experts, *args)

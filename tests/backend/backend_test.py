@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+import keras_moe
 from keras_moe import backend as fast
 
 
@@ -127,3 +128,39 @@ def test_grouped_matmul_and_outer_match_per_group_loops():
     for e, (s, n) in enumerate(zip(starts, sizes)):
         np.testing.assert_allclose(y[s : s + n], x[s : s + n] @ kernels[e], atol=1e-5)
         np.testing.assert_allclose(outer[e], x[s : s + n].T @ g[s : s + n], atol=1e-5)
+
+
+def test_eager_jit_agrees_with_the_eager_computation_and_reads_each_layers_weights():
+    from keras_moe.backend import eager as eager_module
+    from keras_moe.experts import StackedExperts
+
+    x = np.random.default_rng(0).standard_normal((6, 8)).astype("float32")
+    indices = np.array([[0, 1], [1, 2], [2, 0], [0, 2], [1, 0], [2, 1]], "int32")
+    weights = np.full((6, 2), 0.5, "float32")
+    valid = np.ones((6, 2), bool)
+    valid[3] = False
+
+    def run(experts, x, indices, weights, valid):
+        return keras_moe.dispatch.dispatch_dropless(
+            x, indices, weights, valid, experts, strategy="batched"
+        )
+
+    layers = []
+    for seed in (1, 2):
+        experts = StackedExperts(3, 4, gated=True, seed=seed)
+        experts.build((None, 8))
+        layers.append(experts)
+    for experts in layers:
+        compiled = eager_module.eager_jit(experts, "test", run, x, indices, weights, valid)
+        if keras.backend.backend() != "jax":
+            assert compiled is None
+            continue
+        # The portable computation: the same function, outside the cache.
+        with keras.StatelessScope(state_mapping=[(v, v.value) for v in experts.variables]):
+            expected = run(experts, x, indices, weights, valid)
+        np.testing.assert_allclose(_np(compiled), _np(expected), atol=1e-6)
+    if keras.backend.backend() == "jax":
+        # Two layers configured alike share one program, each with its weights.
+        first = eager_module.eager_jit(layers[0], "test", run, x, indices, weights, valid)
+        second = eager_module.eager_jit(layers[1], "test", run, x, indices, weights, valid)
+        assert np.abs(_np(first) - _np(second)).max() > 1e-3
