@@ -14,6 +14,11 @@ Fast paths, chosen by `has_grouped_matmul()`:
 - JAX on GPU/TPU: `jax.lax.ragged_dot` (on CPU XLA lowers it to a dense
   product over every group, E times the work, so it is not offered there;
   on an H100 with jax 0.11 it was slower than the batched blocks layout).
+  On Hopper GPUs `KERAS_MOE_GROUPED_MATMUL=pallas` selects JAX's Pallas
+  Mosaic-GPU kernels instead (`jax.experimental.pallas.ops.gpu`:
+  `ragged_dot_mgpu` for the products, `transposed_ragged_dot_mgpu` for the
+  kernel gradient), where the shapes fit their tiles; `xla` forces
+  `ragged_dot`. Read at trace time, so one process can compare both.
 - PyTorch: `torch._grouped_mm` (with an explicit backward: its autograd
   formula rejects the expanded gradients Keras losses produce).
 - TensorFlow outside XLA: a split into per-expert row ranges (dynamic sizes)
@@ -21,6 +26,7 @@ Fast paths, chosen by `has_grouped_matmul()`:
 """
 
 import functools
+import os
 
 import keras
 
@@ -82,6 +88,74 @@ def has_grouped_matmul():
     return _fast_path_name() is not None
 
 
+def _jax_kernel_choice():
+    """`"pallas"` or `"xla"`: which JAX grouped matmul (`KERAS_MOE_GROUPED_MATMUL`)."""
+    chosen = os.environ.get("KERAS_MOE_GROUPED_MATMUL", "xla").lower()
+    if chosen not in ("xla", "pallas"):
+        raise ValueError(
+            f"KERAS_MOE_GROUPED_MATMUL must be 'xla' or 'pallas'. Received: {chosen!r}"
+        )
+    return chosen
+
+
+# Tiles of the Pallas kernels: (block_m, block_n, block_k, max_concurrent_steps).
+# 128 x 128 output tiles with a 4-stage pipeline of 64-deep slices fit in the
+# shared memory of a Hopper SM (160 KiB in bf16) and are among the fastest
+# settings of the kernels' own tuning sweeps.
+PALLAS_TILES = (128, 128, 64, 4)
+
+
+def _pallas_ragged_dot(x, kernels, group_sizes):
+    """`ragged_dot` through the Mosaic-GPU kernel, or `None` if the shapes don't fit."""
+    import jax
+    import jax.numpy as jnp
+
+    block_m, block_n, block_k, steps = PALLAS_TILES
+    n, d = x.shape
+    h = kernels.shape[2]
+    if d % block_k or h % block_n or x.dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    kernels = kernels.astype(x.dtype)
+    # Rows after the last group are never written by the kernel: the last
+    # group takes them (finite values, discarded by the caller).
+    sizes = group_sizes.astype("int32")
+    sizes = sizes.at[-1].add(n - jnp.sum(sizes))
+    return ragged_dot_mgpu.ragged_dot(
+        x,
+        kernels,
+        group_sizes=sizes,
+        block_m=block_m,
+        block_n=block_n,
+        block_k=block_k,
+        max_concurrent_steps=steps,
+        grid_block_n=1,
+    )
+
+
+def _pallas_ragged_outer(left, right, group_sizes):
+    """`grouped_outer` through the Mosaic-GPU kernel, or `None` if the shapes don't fit."""
+    import jax.numpy as jnp
+
+    block_m, block_n, block_k, steps = PALLAS_TILES
+    a, b = left.shape[1], right.shape[1]
+    if a % block_m or b % block_n or left.dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+    return transposed_ragged_dot_mgpu.transposed_ragged_dot(
+        left,
+        right.astype(left.dtype),
+        group_sizes=group_sizes.astype("int32"),
+        block_m=block_m,
+        block_n=block_n,
+        block_k=block_k,
+        max_concurrent_steps=steps,
+        grid_block_n=1,
+    )
+
+
 def grouped_matmul(x, kernels, group_sizes):
     """Grouped matmul of sorted rows, see the module docstring.
 
@@ -99,6 +173,10 @@ def grouped_matmul(x, kernels, group_sizes):
     if name == "jax_ragged_dot":
         import jax
 
+        if _jax_kernel_choice() == "pallas":
+            out = _pallas_ragged_dot(x, kernels, group_sizes)
+            if out is not None:
+                return out
         return jax.lax.ragged_dot(x, kernels, group_sizes.astype("int32"))
     if name == "torch_grouped_mm":
         return _torch_grouped_mm(x, kernels, group_sizes)
@@ -130,6 +208,10 @@ def grouped_outer(left, right, group_sizes):
         keras.ops.convert_to_tensor(t) for t in (left, right, group_sizes)
     )
     if name == "jax_ragged_dot":
+        if _jax_kernel_choice() == "pallas":
+            out = _pallas_ragged_outer(left, right, group_sizes)
+            if out is not None:
+                return out
         return _jax_ragged_outer(left, right, group_sizes.astype("int32"))
     if name == "torch_grouped_mm":
         return _torch_grouped_outer(left, right, group_sizes)
