@@ -26,9 +26,9 @@ nvidia-smi 2>/dev/null --query-gpu=name,memory.total,driver_version,clocks.max.s
 ${py} -c "import jax, torch, keras; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.version.cuda, '| keras', keras.__version__)"
 
 # 1. Do the strategies agree here? (bf16, shapes that fit the Pallas tiles)
-step 90 check_jax.log env KERAS_BACKEND=jax ${py} benchmarks/strategy_agreement.py \
+step 75 check_jax.log env KERAS_BACKEND=jax ${py} benchmarks/strategy_agreement.py \
   --strategies scan batched grouped:xla grouped:pallas --shape 2 512 256 8 2 256 --shared 256
-step 60 check_torch.log env KERAS_BACKEND=torch ${py} benchmarks/strategy_agreement.py \
+step 50 check_torch.log env KERAS_BACKEND=torch ${py} benchmarks/strategy_agreement.py \
   --strategies ranges batched grouped scan --shape 2 512 256 8 2 256 --shared 256
 
 # The Pallas kernels join the benchmark only if they agreed above (a kernel
@@ -39,13 +39,13 @@ if grep -q "^grouped:pallas: loss.* ok$" "${OUT}/check_jax.log"; then pallas=gro
 # 2. Training steps at real sizes, bf16: every candidate side by side.
 common=(${SMOKE:+--smoke} --configs gpu --dtype mixed_bfloat16 --repeats 5 --min-time 0.1 --warmup 2
         --results-dir "${OUT}" --tag h200)
-TAIL=20 step 230 bench_jax.log env KERAS_BACKEND=jax ${py} benchmarks/layer_speed.py "${common[@]}" \
+TAIL=20 step 220 bench_jax.log env KERAS_BACKEND=jax ${py} benchmarks/layer_speed.py "${common[@]}" \
   --layers dense_ffn sparse_moe sparse_moe_cf1.25 keras_hub_mixtral \
   --strategies grouped:xla ${pallas} scan
-TAIL=20 step 150 bench_torch.log env KERAS_BACKEND=torch ${py} benchmarks/layer_speed.py "${common[@]}" \
+TAIL=20 step 140 bench_torch.log env KERAS_BACKEND=torch ${py} benchmarks/layer_speed.py "${common[@]}" \
   --layers dense_ffn sparse_moe sparse_moe_cf1.25 keras_hub_mixtral --strategies grouped ranges
 # 3. torch.compile (what Keras' jit_compile=True does on torch), if time is left.
-TAIL=10 step 100 bench_torch_compile.log env KERAS_BACKEND=torch ${py} benchmarks/layer_speed.py ${SMOKE:+--smoke} \
+TAIL=10 step 70 bench_torch_compile.log env KERAS_BACKEND=torch ${py} benchmarks/layer_speed.py ${SMOKE:+--smoke} \
   --configs mixtral_half --dtype mixed_bfloat16 --repeats 3 --min-time 0.1 --torch-mode compile \
   --results-dir "${OUT}" --tag h200_compile --layers dense_ffn sparse_moe --strategies grouped
 ls -la "${OUT}"
