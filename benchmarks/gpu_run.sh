@@ -22,6 +22,20 @@ step() {  # step SECONDS LOG COMMAND...: one bounded step, its log kept
   grep -v "^\(I\|W\)0000" "${OUT}/${log}" | tail -n "${TAIL:-6}" | sed 's/^/    /'
   if [[ -n "${PACK:-}" ]]; then tar czf "${PACK}" -C "${OUT}" .; fi
 }
+if [[ "${STAGE:-strategies}" == defaults ]]; then
+  # The chosen defaults (keras_moe.dispatch.default_strategy()) against the
+  # baselines, and where PyTorch's step spends its time.
+  common=(${SMOKE:+--smoke} --configs gpu --dtype mixed_bfloat16 --repeats 5 --min-time 0.1
+          --warmup 2 --results-dir "${OUT}" --layers dense_ffn sparse_moe keras_hub_mixtral)
+  TAIL=12 step 150 defaults_jax.log env KERAS_BACKEND=jax ${py} benchmarks/layer_speed.py "${common[@]}"
+  TAIL=12 step 90 defaults_torch.log env KERAS_BACKEND=torch ${py} benchmarks/layer_speed.py "${common[@]}"
+  for run in "mixtral_half sparse_moe" "dsv2_lite sparse_moe" "mixtral_half dense_ffn"; do
+    set -- ${run}
+    TAIL=30 step 50 "profile_torch_$1_$2.log" env KERAS_BACKEND=torch ${py} benchmarks/profile_torch.py \
+      ${SMOKE:+--smoke} --config "$1" --layer "$2" --dtype mixed_bfloat16
+  done
+  exit 0
+fi
 nvidia-smi 2>/dev/null --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 ${py} -c "import jax, torch, keras; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.version.cuda, '| keras', keras.__version__)"
 

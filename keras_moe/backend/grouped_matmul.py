@@ -89,13 +89,61 @@ def has_grouped_matmul():
 
 
 def _jax_kernel_choice():
-    """`"pallas"` or `"xla"`: which JAX grouped matmul (`KERAS_MOE_GROUPED_MATMUL`)."""
-    chosen = os.environ.get("KERAS_MOE_GROUPED_MATMUL", "xla").lower()
-    if chosen not in ("xla", "pallas"):
+    """`"pallas"` or `"xla"`: which JAX grouped matmul.
+
+    `KERAS_MOE_GROUPED_MATMUL` chooses; by default the Pallas kernels on
+    Hopper GPUs (on an H200 with T = 16384, hidden 2048, bf16 they made the
+    training step 4.6x faster than `ragged_dot` at E = 8, and `ragged_dot`
+    ran out of memory at E = 64), `ragged_dot` elsewhere.
+    """
+    chosen = os.environ.get("KERAS_MOE_GROUPED_MATMUL", "").lower()
+    if chosen not in ("", "xla", "pallas"):
         raise ValueError(
             f"KERAS_MOE_GROUPED_MATMUL must be 'xla' or 'pallas'. Received: {chosen!r}"
         )
-    return chosen
+    if chosen:
+        return chosen
+    return "pallas" if has_pallas_grouped_matmul() else "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_capability():
+    """`(major, minor)` of the backend's default CUDA device, or `None`."""
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            device = jax.devices()[0]
+            if device.platform != "gpu":
+                return None
+            capability = getattr(device, "compute_capability", None)
+            if capability is None:
+                return None
+            major, minor = str(capability).split(".")[:2]
+            return int(major), int(minor)
+        if backend == "torch":
+            import torch
+
+            return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def has_pallas_grouped_matmul():
+    """Whether JAX's Pallas Mosaic-GPU grouped matmul runs here (JAX on a Hopper GPU)."""
+    if keras.backend.backend() != "jax" or cuda_capability() is None:
+        return False
+    if cuda_capability()[0] != 9:  # wgmma: Hopper only
+        return False
+    try:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # noqa: F401
+        from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 # Tiles of the Pallas kernels: (block_m, block_n, block_k, max_concurrent_steps).

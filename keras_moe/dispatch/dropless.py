@@ -24,10 +24,18 @@ def default_strategy():
       on the host).
     - `"scan"` on CPUs under XLA: JAX, TensorFlow with `jit_compile=True`
       (a compiled loop over fixed-size blocks of each expert's rows).
-    - `"batched"` on GPUs and TPUs: one batched einsum over per-block copies
-      of the kernels. On an H100 (measured before the fused gathers, with
-      `T = 4096`, `E = 8`, `k = 2`) it beat `jax.lax.ragged_dot` (1.7 vs
-      3.4 ms per training step) and `torch._grouped_mm` (10.0 vs 13.7 ms).
+    - On GPUs (measured on an H200 with `T = 16384`, hidden 2048, bf16:
+      `benchmarks/results/gpu_h200_*`): `"grouped"` where a fast grouped
+      matmul exists — JAX on Hopper (Pallas Mosaic-GPU kernels: 1.6x the
+      dense-active FFN's step at E = 8 and 2.0x at E = 64, against 4.1x and
+      7.9x for keras-hub's all-experts block) and PyTorch on Hopper and
+      newer (`torch._grouped_mm`: 2.9x / 4.1x); `"ranges"` on other
+      PyTorch GPUs (exact per-expert matmuls: 3.4x at E = 8, the next best
+      there).
+    - `"batched"` elsewhere on accelerators (other GPUs under JAX or
+      TensorFlow, TPUs): one batched einsum over per-block copies of the
+      kernels; not measured on those devices in this form (on the H200 it
+      was 8x / 12x the dense FFN, so measure before relying on it).
     """
     chosen = os.environ.get("KERAS_MOE_DROPLESS_STRATEGY")
     if chosen:
@@ -37,7 +45,7 @@ def default_strategy():
             )
         return chosen
     if fast.on_accelerator():
-        return "batched"
+        return _accelerator_strategy()
     if fast.eager_shapes():
         return "ranges"
     if keras.backend.backend() == "torch":  # under torch.compile
@@ -45,12 +53,26 @@ def default_strategy():
     return "ranges" if fast.has_grouped_matmul() else "scan"
 
 
+def _accelerator_strategy():
+    backend = keras.backend.backend()
+    capability = fast.cuda_capability()
+    if backend == "jax" and fast.has_pallas_grouped_matmul():
+        return "grouped"
+    if backend == "torch" and capability is not None:
+        if capability >= (9, 0) and fast.has_grouped_matmul():
+            return "grouped"
+        # Exact row ranges read sizes on the host: not under torch.compile.
+        return "ranges" if fast.eager_shapes() else "batched"
+    return "batched"
+
+
 def describe_strategy(strategy):
     """One line on what `strategy` does (for benchmark tables)."""
     return {
         "ranges": "a loop over the experts' exact row ranges, one matmul per expert and projection",
         "scan": "a compiled loop over fixed-size blocks of each expert's rows",
-        "grouped": "all rows through the backend grouped matmul",
+        "grouped": "all rows through the backend grouped matmul"
+        + (" (JAX's Pallas Mosaic-GPU kernels)" if fast.has_pallas_grouped_matmul() else ""),
         "batched": "one batched einsum over per-block copies of the kernels",
     }[strategy]
 
