@@ -27,13 +27,19 @@ if [[ "${STAGE:-strategies}" == defaults ]]; then
   # baselines, and where PyTorch's step spends its time.
   common=(${SMOKE:+--smoke} --configs gpu --dtype mixed_bfloat16 --repeats 5 --min-time 0.1
           --warmup 2 --results-dir "${OUT}" --layers dense_ffn sparse_moe keras_hub_mixtral)
-  TAIL=12 step 150 defaults_jax.log env KERAS_BACKEND=jax ${py} benchmarks/layer_speed.py "${common[@]}"
-  TAIL=12 step 90 defaults_torch.log env KERAS_BACKEND=torch ${py} benchmarks/layer_speed.py "${common[@]}"
-  for run in "mixtral_half sparse_moe" "dsv2_lite sparse_moe" "mixtral_half dense_ffn"; do
-    set -- ${run}
-    TAIL=30 step 50 "profile_torch_$1_$2.log" env KERAS_BACKEND=torch ${py} benchmarks/profile_torch.py \
-      ${SMOKE:+--smoke} --config "$1" --layer "$2" --dtype mixed_bfloat16
+  # PROFILES: "config layer" pairs for benchmarks/profile_torch.py.
+  for backend in ${BACKENDS:-jax torch}; do
+    TAIL=12 step "$([[ ${backend} == jax ]] && echo 150 || echo 90)" "defaults_${backend}.log" \
+      env KERAS_BACKEND="${backend}" ${py} benchmarks/layer_speed.py "${common[@]}" ${TAG:+--tag "${TAG}"}
   done
+  while read -r config layer; do
+    [[ -n "${config}" ]] || continue
+    TAIL=30 step 50 "profile_torch_${config}_${layer}.log" env KERAS_BACKEND=torch ${py} \
+      benchmarks/profile_torch.py ${SMOKE:+--smoke} --config "${config}" --layer "${layer}" \
+      --dtype mixed_bfloat16
+  done <<< "${PROFILES:-mixtral_half sparse_moe
+dsv2_lite sparse_moe
+mixtral_half dense_ffn}"
   exit 0
 fi
 nvidia-smi 2>/dev/null --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
