@@ -10,8 +10,15 @@ from keras_moe.dispatch import blocks
 from keras_moe.dispatch.grouped import STRATEGIES
 
 
-def default_strategy():
+def default_strategy(dtype=None):
     """How dropless dispatch runs the experts on this backend and device.
+
+    Args:
+        dtype: the compute dtype of the tokens, or `None` (any). The grouped
+            matmuls chosen for GPUs and for `torch.compile` take 16-bit
+            floats only (`torch._grouped_mm` on CUDA and in
+            `torch.compile`'s shape checks, the Pallas kernels): for other
+            dtypes the choice falls back as described below.
 
     See `keras_moe.dispatch.grouped` for what each strategy does. The
     environment variable `KERAS_MOE_DROPLESS_STRATEGY` (one of
@@ -21,7 +28,7 @@ def default_strategy():
     - `"ranges"` on CPUs with dynamic shapes: PyTorch, TensorFlow graphs
       outside XLA (a Python loop over the experts' exact row ranges).
     - `"grouped"` under `torch.compile` (`torch._grouped_mm`: no sizes read
-      on the host).
+      on the host) in bf16; `"batched"` in other dtypes.
     - `"scan"` on CPUs under XLA: JAX, TensorFlow with `jit_compile=True`
       (a compiled loop over fixed-size blocks of each expert's rows).
     - On GPUs (measured on an H200 with `T = 16384`, hidden 2048, bf16:
@@ -35,7 +42,9 @@ def default_strategy():
     - `"batched"` elsewhere on accelerators (other GPUs under JAX or
       TensorFlow, TPUs): one batched einsum over per-block copies of the
       kernels; not measured on those devices in this form (on the H200 it
-      was 8x / 12x the dense FFN, so measure before relying on it).
+      was 8x / 12x the dense FFN, so measure before relying on it). Also
+      the GPU choice for dtypes the grouped kernels don't take (float32),
+      where PyTorch runs eagerly `"ranges"`.
     """
     chosen = os.environ.get("KERAS_MOE_DROPLESS_STRATEGY")
     if chosen:
@@ -44,12 +53,16 @@ def default_strategy():
                 f"KERAS_MOE_DROPLESS_STRATEGY must be one of {STRATEGIES}. Received: {chosen!r}"
             )
         return chosen
+    half = dtype is None or keras.backend.standardize_dtype(dtype) in ("bfloat16", "float16")
     if fast.on_accelerator():
-        return _accelerator_strategy()
+        strategy = _accelerator_strategy()
+        if strategy == "grouped" and not half:
+            return "ranges" if keras.backend.backend() == "torch" and fast.eager_shapes() else "batched"
+        return strategy
     if fast.eager_shapes():
         return "ranges"
     if keras.backend.backend() == "torch":  # under torch.compile
-        return "grouped"
+        return "grouped" if half else "batched"
     return "ranges" if fast.has_grouped_matmul() else "scan"
 
 
@@ -118,7 +131,7 @@ def dispatch_dropless(
         (5, 6)
     """
     x = ops.convert_to_tensor(x)
-    strategy = strategy or default_strategy()
+    strategy = strategy or default_strategy(x.dtype)
     if strategy not in STRATEGIES:
         raise ValueError(f"`strategy` must be one of {STRATEGIES}. Received: strategy={strategy!r}")
     if strategy == "ranges" and not getattr(experts, "exact_row_ranges", False):
