@@ -153,12 +153,23 @@ def has_pallas_grouped_matmul():
 PALLAS_TILES = (128, 128, 64, 4)
 
 
+def _pallas_tiles():
+    block_m, block_n, block_k, steps = PALLAS_TILES
+    return dict(
+        block_m=block_m,
+        block_n=block_n,
+        block_k=block_k,
+        max_concurrent_steps=steps,
+        grid_block_n=1,
+    )
+
+
 def _pallas_ragged_dot(x, kernels, group_sizes):
     """`ragged_dot` through the Mosaic-GPU kernel, or `None` if the shapes don't fit."""
     import jax
     import jax.numpy as jnp
 
-    block_m, block_n, block_k, steps = PALLAS_TILES
+    _, block_n, block_k, _ = PALLAS_TILES
     n, d = x.shape
     h = kernels.shape[2]
     if d % block_k or h % block_n or x.dtype not in (jnp.bfloat16, jnp.float16):
@@ -170,37 +181,21 @@ def _pallas_ragged_dot(x, kernels, group_sizes):
     # group takes them (finite values, discarded by the caller).
     sizes = group_sizes.astype("int32")
     sizes = sizes.at[-1].add(n - jnp.sum(sizes))
-    return ragged_dot_mgpu.ragged_dot(
-        x,
-        kernels,
-        group_sizes=sizes,
-        block_m=block_m,
-        block_n=block_n,
-        block_k=block_k,
-        max_concurrent_steps=steps,
-        grid_block_n=1,
-    )
+    return ragged_dot_mgpu.ragged_dot(x, kernels, group_sizes=sizes, **_pallas_tiles())
 
 
 def _pallas_ragged_outer(left, right, group_sizes):
     """`grouped_outer` through the Mosaic-GPU kernel, or `None` if the shapes don't fit."""
     import jax.numpy as jnp
 
-    block_m, block_n, block_k, steps = PALLAS_TILES
+    block_m, block_n, _, _ = PALLAS_TILES
     a, b = left.shape[1], right.shape[1]
     if a % block_m or b % block_n or left.dtype not in (jnp.bfloat16, jnp.float16):
         return None
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
     return transposed_ragged_dot_mgpu.transposed_ragged_dot(
-        left,
-        right.astype(left.dtype),
-        group_sizes=group_sizes.astype("int32"),
-        block_m=block_m,
-        block_n=block_n,
-        block_k=block_k,
-        max_concurrent_steps=steps,
-        grid_block_n=1,
+        left, right.astype(left.dtype), group_sizes=group_sizes.astype("int32"), **_pallas_tiles()
     )
 
 
