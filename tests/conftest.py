@@ -6,6 +6,44 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 # Keep thread pools small: CI has two cores and runs one backend at a time.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def _compile_fast_on_jax():
+    """Asks XLA for quick compilation instead of fast code, under JAX.
+
+    Compiling is most of the JAX suite's time (about 85%): eager JAX
+    compiles every operation anew for each new shape, and every model
+    compiles its train and predict steps, while the programs then run on a
+    few tokens. XLA's optimizations (LLVM at -O3, the MLIR fusion emitters)
+    make each compilation about twice as slow and change only how fast the
+    tiny programs run, not what they compute. Set
+    KERAS_MOE_TEST_XLA_DEFAULTS=1 to test with XLA's defaults.
+    """
+    if os.environ["KERAS_BACKEND"] != "jax" or os.environ.get("KERAS_MOE_TEST_XLA_DEFAULTS"):
+        return
+    from importlib import metadata
+
+    try:
+        jaxlib = tuple(int(part) for part in metadata.version("jaxlib").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        jaxlib = (0, 0)
+    flags = os.environ.get("XLA_FLAGS", "")
+    # An XLA flag that this jaxlib does not know aborts the process: older
+    # jaxlibs, which may lack it, keep their default. XLA reads the flags
+    # when JAX first uses its CPU backend, after this.
+    if jaxlib >= (0, 7) and "xla_cpu_use_fusion_emitters" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_use_fusion_emitters=false".strip()
+
+    # LLVM at -O0, without its expensive passes: for this process (JAX may
+    # be imported already; it reads the setting at each compilation) and
+    # for the processes that tests start.
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", True)
+
+
+_compile_fast_on_jax()
+
 import hypothesis  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -41,9 +79,24 @@ def pytest_report_header(config):
     return f"keras {keras.__version__}, backend: {keras.backend.backend()}"
 
 
+def _reset_layer_names():
+    try:
+        from keras.src.utils.naming import reset_uids
+    except ImportError:  # Keras moved it: the public way, slower on TensorFlow
+        keras.backend.clear_session(free_memory=False)
+    else:
+        reset_uids()
+
+
 @pytest.fixture(autouse=True)
 def _reset_keras_state():
-    """Each test starts from the float32 policy and a fixed seed."""
+    """Each test starts from float32, a fixed seed and fresh layer names.
+
+    The experts' initializers derive their seeds from the layers' automatic
+    names (`sparse_moe_3`): restarting the names makes a test's weights
+    independent of which tests ran before it in the same process.
+    """
+    _reset_layer_names()
     keras.config.set_dtype_policy("float32")
     keras.utils.set_random_seed(1234)
     np.random.seed(1234)

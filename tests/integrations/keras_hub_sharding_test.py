@@ -79,7 +79,8 @@ def test_sparsified_backbones_shard_their_experts():
     env = dict(
         os.environ,
         KERAS_BACKEND="jax",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        # Keeps this process's compilation flags (tests/conftest.py).
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
         PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
     result = subprocess.run(
