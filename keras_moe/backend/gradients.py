@@ -111,19 +111,27 @@ def _tf_custom_gradient(forward, backward, num_differentiable):
     return read_variables
 
 
-_MADE_TORCH_FUNCTION = []
+def made_once(factory):
+    """`factory` called on first use only; later calls return what it made.
+
+    For the torch autograd Function classes (torch is imported lazily). Not
+    `functools.lru_cache`: `torch.compile` traces through lru_cache wrappers
+    and would build the class again inside its graph (a graph break on
+    `__build_class__`); a read of this closure's list traces cleanly.
+    """
+    made = []
+
+    @functools.wraps(factory)
+    def get():
+        if not made:
+            made.append(factory())
+        return made[0]
+
+    return get
 
 
+@made_once
 def _torch_function():
-    """The class, made once. A module list rather than `functools.lru_cache`:
-    `torch.compile` traces through lru_cache wrappers and would build the
-    class again inside the graph (a graph break on `__build_class__`)."""
-    if not _MADE_TORCH_FUNCTION:
-        _MADE_TORCH_FUNCTION.append(_make_torch_function())
-    return _MADE_TORCH_FUNCTION[0]
-
-
-def _make_torch_function():
     """The autograd Function, made on first use (torch is imported lazily)."""
     import torch
 

@@ -30,6 +30,8 @@ import os
 
 import keras
 
+from keras_moe.backend.gradients import made_once
+
 
 def _fast_path_name():
     backend = keras.backend.backend()
@@ -371,19 +373,8 @@ def _jax_ragged_outer(left, right, group_sizes):
     return vjp(right.astype(left.dtype))[0]
 
 
-_MADE_TORCH_GROUPED_MM_FUNCTION = []
-
-
+@made_once
 def _torch_grouped_mm_function():
-    """The class, made once. A module list rather than `functools.lru_cache`:
-    `torch.compile` traces through lru_cache wrappers and would build the
-    class again inside the graph (a graph break on `__build_class__`)."""
-    if not _MADE_TORCH_GROUPED_MM_FUNCTION:
-        _MADE_TORCH_GROUPED_MM_FUNCTION.append(_make_torch_grouped_mm_function())
-    return _MADE_TORCH_GROUPED_MM_FUNCTION[0]
-
-
-def _make_torch_grouped_mm_function():
     """The autograd Function, made on first use (torch is imported lazily)."""
     import torch
 
