@@ -155,6 +155,14 @@ def parse_args(argv=None):
         "keras_moe.dispatch.default_strategy() for the device)",
     )
     p.add_argument(
+        "--strategies",
+        nargs="+",
+        default=None,
+        help="also measure the dropless sparse_moe with each of these strategies "
+        "(rows `sparse_moe@<strategy>`, same process, interleaved), to compare them; "
+        "`grouped:pallas` / `grouped:xla` also pick JAX's grouped-matmul kernel",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -184,6 +192,8 @@ def parse_args(argv=None):
     args.configs = names
     if args.layers is None:
         args.layers = [n for n in LAYERS if not (args.smoke and n == "sparse_moe_cf1.0")]
+    for strategy in args.strategies or []:
+        args.layers.append(f"sparse_moe@{strategy}")
     if args.tf_mode is None:
         args.tf_mode = "graph" if args.smoke else "both"
     if args.repeats is None:
@@ -349,7 +359,38 @@ class ResidualBlock(keras.layers.Layer):
         return x + first_output(self.ffn(self.norm(x), **self.ffn_kwargs))
 
 
+def split_strategy(name):
+    """`"sparse_moe@grouped"` -> `("sparse_moe", "grouped")`; no `@` -> `(name, None)`."""
+    base, _, strategy = name.partition("@")
+    return base, strategy or None
+
+
+class strategy_env:
+    """Sets `KERAS_MOE_DROPLESS_STRATEGY` while tracing / running one candidate's step."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+    NAMES = ("KERAS_MOE_DROPLESS_STRATEGY", "KERAS_MOE_GROUPED_MATMUL")
+
+    def __enter__(self):
+        # "grouped:pallas": the strategy, then the JAX grouped-matmul kernel.
+        values = (self.strategy or "").split(":")
+        self.saved = {n: os.environ.get(n) for n in self.NAMES}
+        for name, value in zip(self.NAMES, values):
+            if value:
+                os.environ[name] = value
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def make_layer(name, hidden, num_experts, top_k, width, shared):
+    name, strategy = split_strategy(name)
     if name == "dense_ffn":
         return keras_moe.experts.FeedForward(
             intermediate_dim=top_k * width + shared, gated=True, activation="silu", name=name
@@ -363,7 +404,7 @@ def make_layer(name, hidden, num_experts, top_k, width, shared):
             activation="silu",
             shared_intermediate_dim=shared,
             capacity_factor=CAPACITY[name],
-            name=name.replace(".", "_"),
+            name=re.sub(r"[^A-Za-z0-9_]", "_", name + (f"_{strategy}" if strategy else "")),
         )
     if name == "keras_hub_mixtral":
         # Not exported by keras-hub; the block inside MixtralTransformerDecoder.
@@ -542,12 +583,24 @@ class Candidate:
         self.error = None
         self.finish = None
         self.info = {}
-        if BACKEND == "jax":
-            self.step, self.finish, self.info = make_jax_step(layer, optimizer, x, memory)
-        elif BACKEND == "tensorflow":
-            self.step, _, self.info = make_tf_step(layer, optimizer, x, mode == "xla")
+        env = strategy_env(split_strategy(layer_name)[1])
+        with env:
+            if BACKEND == "jax":
+                step, self.finish, self.info = make_jax_step(layer, optimizer, x, memory)
+            elif BACKEND == "tensorflow":
+                step, _, self.info = make_tf_step(layer, optimizer, x, mode == "xla")
+            else:
+                step, _, self.info = make_torch_step(layer, optimizer, x, mode == "compile")
+        if env.strategy is None:
+            self.step = step
         else:
-            self.step, _, self.info = make_torch_step(layer, optimizer, x, mode == "compile")
+
+            def strategy_step():
+                with env:
+                    return step()
+
+            strategy_step.__dict__.update(step.__dict__)  # torch: `step.input`
+            self.step = strategy_step
 
     @classmethod
     def failed(cls, layer_name, mode, layer, error):
@@ -748,7 +801,7 @@ def bench_config(name, args, layers):
             row["median_ms"] = statistics.median(c.times) * 1e3
             row["min_ms"] = min(c.times) * 1e3
             row["active_tflops"] = active_flops / statistics.median(c.times) / 1e12
-        if c.layer_name in CAPACITY and not c.error:
+        if split_strategy(c.layer_name)[0] in CAPACITY and not c.error:
             if c.finish is not None:
                 c.finish()
             dropped = float(ops.convert_to_numpy(c.layer.ffn.dropped_count))
@@ -835,6 +888,12 @@ def best_rows(rows):
     return best
 
 
+def layer_order(rows):
+    """`LAYERS` order, strategy variants (`sparse_moe@...`) after the plain layers."""
+    names = list(dict.fromkeys(r["layer"] for r in rows))
+    return [n for n in LAYERS if n in names] + [n for n in names if n not in LAYERS]
+
+
 def mib(n):
     return f"{n / 2**20:.1f}" if n is not None else "—"
 
@@ -899,7 +958,7 @@ def markdown(results):
     for cfg in configs:
         dense = best.get((cfg, "dense_ffn"), {}).get("median_ms")
         hub = best.get((cfg, "keras_hub_mixtral"), {}).get("median_ms")
-        for layer in LAYERS:
+        for layer in layer_order(rows):
             row = best.get((cfg, layer))
             if row is None:
                 continue
@@ -955,7 +1014,7 @@ def markdown(results):
         head += "".join(f" t({tokens[b]})/t({tokens[a]}) |" for a, b in quads)
         out += ["", "Token sweep (config e8k2); a linear layer gives 4.0 for 4x the tokens:", ""]
         out += [head, "|" + "---|" * (head.count("|") - 1)]
-        for layer in LAYERS:
+        for layer in layer_order(rows):
             meds = [best.get((c, layer), {}).get("median_ms") for c in sweep]
             if all(m is None for m in meds):
                 continue
@@ -1011,6 +1070,32 @@ def set_threads(threads):
         tf.config.threading.set_intra_op_parallelism_threads(threads)
 
 
+def write_results(args, results, quiet=False):
+    """The markdown table (printed unless `quiet`) and the JSON, to `--results-dir` / `--out`."""
+    table = markdown(results)
+    if not quiet:
+        print()
+        print(table)
+    results["markdown"] = table
+    paths = [args.out] if args.out else []
+    if args.results_dir:
+        os.makedirs(args.results_dir, exist_ok=True)
+        md_path, json_path = result_paths(args, results["device"])
+        with open(md_path, "w") as f:
+            f.write(
+                f"<!-- written by benchmarks/layer_speed.py {' '.join(sys.argv[1:])} on "
+                f"{results['date']} -->\n\n{table}\n"
+            )
+        paths.append(json_path)
+        if not quiet:
+            print(f"\nwrote {md_path}")
+    for path in paths:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        if not quiet:
+            print(f"wrote {path}")
+
+
 def main(args):
     keras.config.set_dtype_policy(args.dtype)
     set_threads(args.threads)
@@ -1031,7 +1116,7 @@ def main(args):
         "rows": [],
     }
     print(f"# {results['device']}", flush=True)
-    for name in args.configs:
+    for i, name in enumerate(args.configs):
         start = time.perf_counter()
         rows = bench_config(name, args, args.layers)
         results["rows"] += rows
@@ -1045,27 +1130,12 @@ def main(args):
             for r in rows
         )
         print(f"{name}: {summary} ({time.perf_counter() - start:.0f}s)", flush=True)
+        if i + 1 < len(args.configs):
+            # Results so far, in case a later config does not finish.
+            write_results(args, results, quiet=True)
     if args.memory == "auto" and not on_gpu() and BACKEND == "torch":
         rss_memory(args, results["rows"])
-    table = markdown(results)
-    print()
-    print(table)
-    results["markdown"] = table
-    paths = [args.out] if args.out else []
-    if args.results_dir:
-        os.makedirs(args.results_dir, exist_ok=True)
-        md_path, json_path = result_paths(args, results["device"])
-        with open(md_path, "w") as f:
-            f.write(
-                f"<!-- written by benchmarks/layer_speed.py {' '.join(sys.argv[1:])} on "
-                f"{results['date']} -->\n\n{table}\n"
-            )
-        paths.append(json_path)
-        print(f"\nwrote {md_path}")
-    for path in paths:
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {path}")
+    write_results(args, results)
     for r in results["rows"]:
         if r["error"]:
             print(f"failed: {r['config']} {r['layer']} {r['mode']}: {r['error']}", file=sys.stderr)

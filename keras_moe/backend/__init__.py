@@ -5,12 +5,16 @@ returns `None` (or reports unavailable) where no fast path applies, and the
 caller uses its portable version instead; tests check that both agree.
 """
 
+from keras_moe.backend.constants import count_ids
+from keras_moe.backend.constants import scalar_like
 from keras_moe.backend.eager import eager_jit
 from keras_moe.backend.gradients import custom_gradient
 from keras_moe.backend.gradients import vjp
 from keras_moe.backend.grouped_matmul import grouped_matmul
 from keras_moe.backend.grouped_matmul import grouped_outer
+from keras_moe.backend.grouped_matmul import cuda_capability
 from keras_moe.backend.grouped_matmul import has_grouped_matmul
+from keras_moe.backend.grouped_matmul import has_pallas_grouped_matmul
 from keras_moe.backend.grouped_matmul import keep_only_matmuls
 from keras_moe.backend.grouped_matmul import on_accelerator
 from keras_moe.backend.inplace import add_rows

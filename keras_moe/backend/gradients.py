@@ -111,8 +111,19 @@ def _tf_custom_gradient(forward, backward, num_differentiable):
     return read_variables
 
 
-@functools.lru_cache(maxsize=None)
+_MADE_TORCH_FUNCTION = []
+
+
 def _torch_function():
+    """The class, made once. A module list rather than `functools.lru_cache`:
+    `torch.compile` traces through lru_cache wrappers and would build the
+    class again inside the graph (a graph break on `__build_class__`)."""
+    if not _MADE_TORCH_FUNCTION:
+        _MADE_TORCH_FUNCTION.append(_make_torch_function())
+    return _MADE_TORCH_FUNCTION[0]
+
+
+def _make_torch_function():
     """The autograd Function, made on first use (torch is imported lazily)."""
     import torch
 

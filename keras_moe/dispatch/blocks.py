@@ -94,16 +94,18 @@ def sort_by_expert(expert_indices, valid, num_experts):
         `order[i]` is the flat assignment index (`token * k + j`) of sorted
         row `i`, `row_experts[i]` its expert (`E` for invalid ones).
     """
-    experts = ops.where(valid, expert_indices, num_experts)
-    experts = ops.cast(ops.reshape(experts, (-1,)), "int32")
+    # Constants through `fast.scalar_like`: a Python number in an op is a
+    # blocking host-to-device copy on Keras' torch backend (see
+    # `keras_moe.backend.constants`).
+    expert_indices = ops.cast(expert_indices, "int32")
+    experts = ops.where(valid, expert_indices, fast.scalar_like(num_experts, expert_indices))
+    experts = ops.reshape(experts, (-1,))
     num = ops.shape(experts)[0]
     # Unique keys make the sort stable on every backend (TF's argsort is not).
     keys = experts * num + ops.arange(num, dtype="int32")
     order = ops.cast(ops.argsort(keys), "int32")
     row_experts = ops.take(experts, order)
-    group_sizes = ops.segment_sum(
-        ops.ones_like(experts), experts, num_segments=num_experts + 1, sorted=False
-    )[:num_experts]
+    group_sizes = fast.count_ids(experts, num_experts, dtype="int32")  # invalid ones: not counted
     return order, row_experts, ops.cast(group_sizes, "int32")
 
 
@@ -207,20 +209,26 @@ def plan_rows(expert_indices, valid, num_experts, block_size):
     # Row -> sorted assignment, by arithmetic (gathers only, no scatter).
     block_starts = ops.arange(num_blocks, dtype="int32") * block_size
     block_experts = ops.searchsorted(ops.cast(padded_ends, "int32"), block_starts, side="right")
-    block_experts = ops.cast(ops.minimum(block_experts, num_experts - 1), "int32")
-    row_experts = ops.repeat(block_experts, block_size)  # (R,)
+    block_experts = ops.cast(block_experts, "int32")
+    block_experts = ops.minimum(block_experts, fast.scalar_like(num_experts - 1, block_experts))
+    row_experts = ops.reshape(  # (R,): each block's expert, B times
+        ops.broadcast_to(ops.expand_dims(block_experts, -1), (num_blocks, block_size)), (-1,)
+    )
     offset = ops.arange(rows, dtype="int32") - ops.take(padded_starts, row_experts)
     filled = offset < ops.take(counts, row_experts)
-    sorted_index = ops.minimum(ops.take(starts, row_experts) + offset, num - 1)
-    row_assignments = ops.where(filled, ops.take(order, sorted_index), num)
-    row_tokens = ops.where(filled, row_assignments // k, tokens)
+    sorted_index = ops.take(starts, row_experts) + offset
+    sorted_index = ops.minimum(sorted_index, fast.scalar_like(num - 1, sorted_index))
+    row_assignments = ops.take(order, sorted_index)
+    row_assignments = ops.where(filled, row_assignments, fast.scalar_like(num, row_assignments))
+    row_tokens = ops.where(filled, row_assignments // k, fast.scalar_like(tokens, row_assignments))
 
     # Assignment -> row: each sorted assignment's row, then un-sort (the
     # inverse of a permutation is its argsort).
-    expert = ops.minimum(sorted_experts, num_experts - 1)
+    expert = ops.minimum(sorted_experts, fast.scalar_like(num_experts - 1, sorted_experts))
     rank = ops.arange(num, dtype="int32") - ops.take(starts, expert)
+    sorted_rows = ops.take(padded_starts, expert) + rank
     sorted_rows = ops.where(
-        sorted_experts < num_experts, ops.take(padded_starts, expert) + rank, rows
+        sorted_experts < num_experts, sorted_rows, fast.scalar_like(rows, sorted_rows)
     )
     assignment_rows = ops.take(sorted_rows, ops.argsort(order))
     return RowPlan(
@@ -262,10 +270,12 @@ def sum_rows(y, plan):
     out = None
     # k gathers of (T, d), not one (T, k, d), and no zero-row copy of the
     # (R, d) rows: invalid assignments select zeros.
+    last = fast.scalar_like(rows - 1, plan.assignment_rows)
+    zero = fast.scalar_like(0, y)
     for j in range(k):
         index = plan.assignment_rows[:, j]
-        term = ops.take(y, ops.minimum(index, rows - 1), axis=0)
-        term = ops.where(ops.expand_dims(index < rows, -1), term, ops.zeros((), y.dtype))
+        term = ops.take(y, ops.minimum(index, last), axis=0)
+        term = ops.where(ops.expand_dims(index < rows, -1), term, zero)
         out = term if out is None else out + term
     return out
 

@@ -10,8 +10,15 @@ from keras_moe.dispatch import blocks
 from keras_moe.dispatch.grouped import STRATEGIES
 
 
-def default_strategy():
+def default_strategy(dtype=None):
     """How dropless dispatch runs the experts on this backend and device.
+
+    Args:
+        dtype: the compute dtype of the tokens, or `None` (any). The grouped
+            matmuls chosen for GPUs and for `torch.compile` take 16-bit
+            floats only (`torch._grouped_mm` on CUDA and in
+            `torch.compile`'s shape checks, the Pallas kernels): for other
+            dtypes the choice falls back as described below.
 
     See `keras_moe.dispatch.grouped` for what each strategy does. The
     environment variable `KERAS_MOE_DROPLESS_STRATEGY` (one of
@@ -21,13 +28,23 @@ def default_strategy():
     - `"ranges"` on CPUs with dynamic shapes: PyTorch, TensorFlow graphs
       outside XLA (a Python loop over the experts' exact row ranges).
     - `"grouped"` under `torch.compile` (`torch._grouped_mm`: no sizes read
-      on the host).
+      on the host) in bf16; `"batched"` in other dtypes.
     - `"scan"` on CPUs under XLA: JAX, TensorFlow with `jit_compile=True`
       (a compiled loop over fixed-size blocks of each expert's rows).
-    - `"batched"` on GPUs and TPUs: one batched einsum over per-block copies
-      of the kernels. On an H100 (measured before the fused gathers, with
-      `T = 4096`, `E = 8`, `k = 2`) it beat `jax.lax.ragged_dot` (1.7 vs
-      3.4 ms per training step) and `torch._grouped_mm` (10.0 vs 13.7 ms).
+    - On GPUs (measured on an H200 with `T = 16384`, hidden 2048, bf16:
+      `benchmarks/results/gpu_h200_*`): `"grouped"` where a fast grouped
+      matmul exists — JAX on Hopper (Pallas Mosaic-GPU kernels: 1.6x the
+      dense-active FFN's step at E = 8 and 2.0x at E = 64, against 4.1x and
+      7.9x for keras-hub's all-experts block) and PyTorch on Hopper and
+      newer (`torch._grouped_mm`: 2.9x / 4.1x); `"ranges"` on other
+      PyTorch GPUs (exact per-expert matmuls: 3.4x at E = 8, the next best
+      there).
+    - `"batched"` elsewhere on accelerators (other GPUs under JAX or
+      TensorFlow, TPUs): one batched einsum over per-block copies of the
+      kernels; not measured on those devices in this form (on the H200 it
+      was 8x / 12x the dense FFN, so measure before relying on it). Also
+      the GPU choice for dtypes the grouped kernels don't take (float32),
+      where PyTorch runs eagerly `"ranges"`.
     """
     chosen = os.environ.get("KERAS_MOE_DROPLESS_STRATEGY")
     if chosen:
@@ -36,13 +53,30 @@ def default_strategy():
                 f"KERAS_MOE_DROPLESS_STRATEGY must be one of {STRATEGIES}. Received: {chosen!r}"
             )
         return chosen
+    half = dtype is None or keras.backend.standardize_dtype(dtype) in ("bfloat16", "float16")
     if fast.on_accelerator():
-        return "batched"
+        strategy = _accelerator_strategy()
+        if strategy == "grouped" and not half:
+            return "ranges" if keras.backend.backend() == "torch" and fast.eager_shapes() else "batched"
+        return strategy
     if fast.eager_shapes():
         return "ranges"
     if keras.backend.backend() == "torch":  # under torch.compile
-        return "grouped"
+        return "grouped" if half else "batched"
     return "ranges" if fast.has_grouped_matmul() else "scan"
+
+
+def _accelerator_strategy():
+    backend = keras.backend.backend()
+    capability = fast.cuda_capability()
+    if backend == "jax" and fast.has_pallas_grouped_matmul():
+        return "grouped"
+    if backend == "torch" and capability is not None:
+        if capability >= (9, 0) and fast.has_grouped_matmul():
+            return "grouped"
+        # Exact row ranges read sizes on the host: not under torch.compile.
+        return "ranges" if fast.eager_shapes() else "batched"
+    return "batched"
 
 
 def describe_strategy(strategy):
@@ -50,7 +84,8 @@ def describe_strategy(strategy):
     return {
         "ranges": "a loop over the experts' exact row ranges, one matmul per expert and projection",
         "scan": "a compiled loop over fixed-size blocks of each expert's rows",
-        "grouped": "all rows through the backend grouped matmul",
+        "grouped": "all rows through the backend grouped matmul"
+        + (" (JAX's Pallas Mosaic-GPU kernels)" if fast.has_pallas_grouped_matmul() else ""),
         "batched": "one batched einsum over per-block copies of the kernels",
     }[strategy]
 
@@ -96,7 +131,7 @@ def dispatch_dropless(
         (5, 6)
     """
     x = ops.convert_to_tensor(x)
-    strategy = strategy or default_strategy()
+    strategy = strategy or default_strategy(x.dtype)
     if strategy not in STRATEGIES:
         raise ValueError(f"`strategy` must be one of {STRATEGIES}. Received: strategy={strategy!r}")
     if strategy == "ranges" and not getattr(experts, "exact_row_ranges", False):

@@ -311,7 +311,7 @@ class MoE(keras.layers.Layer):
             nonfinite = ops.logical_not(routed)
         # Unroutable tokens are not routed, but their output must not pass
         # for a real one.
-        outputs = ops.where(ops.expand_dims(nonfinite, -1), ops.full((), float("nan"), outputs.dtype), outputs)
+        outputs = ops.where(ops.expand_dims(nonfinite, -1), fast.scalar_like(float("nan"), outputs), outputs)
         self._record_statistics(expert_indices, dispatch_mask, dispatched, nonfinite)
         if training:
             self._record_training_statistics(plan, expert_indices, dispatch_mask, dispatched, routed)
@@ -359,11 +359,10 @@ class MoE(keras.layers.Layer):
     def _record_statistics(self, expert_indices, dispatch_mask, dispatched, nonfinite):
         num_experts = self.num_experts
         # Served assignments per expert (`E` collects the unserved ones).
-        served = ops.reshape(ops.where(dispatched, expert_indices, num_experts), (-1,))
-        counts = ops.segment_sum(
-            ops.ones_like(served, dtype="float32"), served, num_segments=num_experts + 1,
-            sorted=False,
-        )[:num_experts]
+        # (Constants and counts through `fast`: no host-to-device copies on torch.)
+        expert_indices = ops.cast(expert_indices, "int32")
+        served = ops.where(dispatched, expert_indices, fast.scalar_like(num_experts, expert_indices))
+        counts = fast.count_ids(served, num_experts)
         self.expert_counts.assign(counts)
         dropped = ops.logical_and(dispatch_mask, ops.logical_not(dispatched))
         self.dropped_count.assign(ops.sum(ops.cast(dropped, "float32")))
@@ -380,17 +379,18 @@ class MoE(keras.layers.Layer):
         num_experts = self.num_experts
         tokens = ops.shape(routed)[0]
         # Assignments per expert before capacity (`E` collects masked ones).
-        chosen = ops.reshape(ops.where(dispatch_mask, expert_indices, num_experts), (-1,))
-        counts = ops.segment_sum(
-            ops.ones_like(chosen, dtype="float32"), chosen, num_segments=num_experts + 1,
-            sorted=False,
-        )[:num_experts]  # (E,)
+        expert_indices = ops.cast(expert_indices, "int32")
+        chosen = ops.where(dispatch_mask, expert_indices, fast.scalar_like(num_experts, expert_indices))
+        counts = fast.count_ids(chosen, num_experts)  # (E,)
         total = ops.sum(counts)
+        one = fast.scalar_like(1.0, total)
         seen = total > 0
-        load = counts / ops.maximum(total, 1.0)
+        load = counts / ops.maximum(total, one)
         steps = self.training_steps + ops.cast(seen, "float32")
         # A plain mean at first (no bias toward the zero start), then an EMA.
-        rate = ops.maximum(1.0 / ops.maximum(steps, 1.0), 1.0 - self.statistics_momentum)
+        rate = ops.maximum(
+            one / ops.maximum(steps, one), fast.scalar_like(1.0 - self.statistics_momentum, total)
+        )
         average = self.average_load + ops.cast(seen, "float32") * rate * (load - self.average_load)
         dropped = ops.sum(ops.cast(ops.logical_and(dispatch_mask, ops.logical_not(dispatched)), "float32"))
 
@@ -398,17 +398,18 @@ class MoE(keras.layers.Layer):
         # normalized to sum 1, as for sigmoid routers), over routed tokens.
         probs = ops.stop_gradient(ops.cast(plan.router_probs, "float32"))
         probs = ops.reshape(probs, (-1, num_experts))[:tokens]  # (T, E)
-        probs = probs / ops.maximum(ops.sum(probs, axis=-1, keepdims=True), 1e-20)
-        entropy = -ops.sum(probs * ops.log(ops.maximum(probs, 1e-20)), axis=-1)  # (T,)
+        tiny = fast.scalar_like(1e-20, probs)
+        probs = probs / ops.maximum(ops.sum(probs, axis=-1, keepdims=True), tiny)
+        entropy = -ops.sum(probs * ops.log(ops.maximum(probs, tiny)), axis=-1)  # (T,)
         confidence = ops.max(probs, axis=-1)  # (T,)
-        num_routed = ops.maximum(ops.sum(ops.cast(routed, "float32")), 1.0)
+        num_routed = ops.maximum(ops.sum(ops.cast(routed, "float32")), one)
         zero = ops.zeros((), "float32")
         mean_over_routed = lambda v: ops.sum(ops.where(routed, v, zero)) / num_routed  # noqa: E731
 
         self.assignment_counts.assign(counts)
         self.average_load.assign(average)
         self.training_steps.assign(steps)
-        self.dropped_fraction.assign(dropped / ops.maximum(total, 1.0))
+        self.dropped_fraction.assign(dropped / ops.maximum(total, one))
         self.router_entropy.assign(mean_over_routed(entropy))
         self.router_confidence.assign(mean_over_routed(confidence))
         self.accumulated_counts.assign(self.accumulated_counts + counts)

@@ -4,6 +4,8 @@ import math
 
 from keras import ops
 
+from keras_moe.backend.constants import scalar_like
+
 
 def _token_weights(mask):
     """Float weights `(tokens,)` that are 1 for real tokens, 0 for padding."""
@@ -17,7 +19,8 @@ def _masked_mean(values, weights):
     if weights is None:
         return ops.mean(values, axis=0)
     weights = ops.reshape(weights, (-1,) + (1,) * (len(values.shape) - 1))
-    total = ops.maximum(ops.sum(weights), 1.0)
+    total = ops.sum(weights)
+    total = ops.maximum(total, ops.ones_like(total))
     return ops.sum(values * weights, axis=0) / total
 
 
@@ -54,7 +57,8 @@ def load_balancing_loss(router_probs, expert_indices, mask=None):
     router_probs = ops.cast(router_probs, "float32")
     num_experts = router_probs.shape[-1]
     probs = ops.reshape(router_probs, (-1, num_experts))
-    probs = probs / ops.maximum(ops.sum(probs, axis=-1, keepdims=True), 1e-20)
+    sums = ops.sum(probs, axis=-1, keepdims=True)
+    probs = probs / ops.maximum(sums, scalar_like(1e-20, sums))
     top_k = expert_indices.shape[-1]
     indices = ops.reshape(ops.cast(expert_indices, "int32"), (-1, top_k))
     # (tokens, E): how many of a token's k choices went to each expert.

@@ -365,3 +365,23 @@ def test_dropless_under_compilation_matches_eager(jit_compile):
     np.testing.assert_allclose(_np(y), eager, atol=1e-5)
     for g, e in zip(grads, eager_grads):
         np.testing.assert_allclose(_np(g), _np(e), atol=1e-5)
+
+
+def test_default_strategy_by_dtype(monkeypatch):
+    """16-bit-only grouped kernels are chosen for 16-bit dtypes only (torch.compile, GPUs).
+
+    A float32 model under `torch.compile` (Keras `jit_compile=True` on torch)
+    failed in torch's compile-time check of `torch._grouped_mm` (bf16 only);
+    CI's `layer_speed.py --smoke --torch-mode compile` runs the real thing.
+    """
+    backend = keras.backend.backend()
+    for dtype in (None, "float32", "bfloat16"):
+        assert dispatch.default_strategy(dtype) in dispatch.STRATEGIES
+    if backend == "torch":
+        import torch
+
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert dispatch.default_strategy("float32") == "batched"
+        assert dispatch.default_strategy("bfloat16") == "grouped"
+    monkeypatch.setenv("KERAS_MOE_DROPLESS_STRATEGY", "scan")
+    assert dispatch.default_strategy("float32") == "scan"

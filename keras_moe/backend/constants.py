@@ -1,0 +1,66 @@
+"""Constants and counts made on the device, without a host round trip.
+
+Keras' PyTorch backend turns a Python number given to ops such as
+`maximum`, `minimum`, `where` or `repeat` into a tensor with
+`torch.as_tensor(value, device=...)`: on a GPU that is a blocking
+host-to-device copy, so every such op waits for the GPU to drain its queue.
+`ops.segment_sum` does the same with a shape. On an H200 a dropless
+SparseMoE training step made 35 of these copies and the GPU sat idle for a
+third of the step. `scalar_like` fills a 0-d tensor on the device instead,
+and `count_ids` counts with an in-place `index_add_`. On other backends
+they are the plain `keras.ops` forms (constants are free there).
+"""
+
+import keras
+from keras import ops
+
+
+def scalar_like(value, x, dtype=None):
+    """`value` as a 0-d tensor on `x`'s device, in `dtype` (default: `x`'s dtype).
+
+    Args:
+        value: a Python number.
+        x: a tensor (its device and, by default, dtype).
+        dtype: optional dtype name.
+
+    Returns:
+        A 0-d tensor.
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        x = ops.convert_to_tensor(x)
+        if dtype is not None:
+            dtype = getattr(torch, keras.backend.standardize_dtype(dtype))
+        return torch.full((), value, dtype=dtype or x.dtype, device=x.device)
+    return ops.convert_to_tensor(value, dtype or keras.backend.standardize_dtype(x.dtype))
+
+
+def count_ids(ids, num_segments, dtype="float32", portable=False):
+    """How often each of `0 .. num_segments - 1` occurs in the int tensor `ids` (any shape).
+
+    Ids outside the range are not counted. `portable=True` uses
+    `ops.segment_sum` on every backend (for tests).
+
+    Returns:
+        `(num_segments,)` counts in `dtype`.
+    """
+    ids = ops.reshape(ops.convert_to_tensor(ids), (-1,))
+    if keras.backend.backend() == "torch" and not portable:
+        import torch
+
+        ids = ids.to(torch.int64)
+        keep = (ids >= 0) & (ids < num_segments)
+        ones = keep.to(getattr(torch, keras.backend.standardize_dtype(dtype)))
+        # Out-of-range ids add zero at index 0.
+        index = torch.where(keep, ids, torch.zeros_like(ids))
+        counts = torch.zeros(num_segments, dtype=ones.dtype, device=ids.device)
+        return counts.index_add_(0, index, ones)
+    # One extra segment collects the out-of-range ids.
+    ids = ops.cast(ids, "int32")
+    inside = ops.logical_and(ids >= 0, ids < num_segments)
+    ids = ops.where(inside, ids, num_segments)
+    counts = ops.segment_sum(
+        ops.cast(inside, dtype), ids, num_segments=num_segments + 1, sorted=False
+    )
+    return counts[:num_segments]
