@@ -7,7 +7,7 @@
 #
 # Extra arguments go to pytest, e.g. `bash scripts/test-all-backends.sh tests/layers -x`.
 # Without arguments it runs the whole suite: every backend (JAX, the slowest,
-# split in two processes by test directory), then the multi-device tests
+# split in two processes by test directory) and the multi-device tests
 # (8 virtual devices) in processes of their own.
 #
 # --jobs N (or KERAS_MOE_TEST_JOBS=N) runs up to N of these processes at a
@@ -80,11 +80,11 @@ if (( $# > 0 )); then
     add "${cost}" "${backend}" "KERAS_BACKEND=${backend}" KERAS_BACKEND="${backend}" -- "$@"
   done
 else
-  # JAX compiles every new shape and program (most of its time), so it takes
-  # about as long as the other processes together: two processes, by
-  # directory, the first about twice as long as the second (which follows
-  # TensorFlow's when two run at a time). The second takes every directory
-  # not named in the first, so a new test directory is never left out.
+  # JAX, which compiles every new shape and program, takes longer than the
+  # other backends together: two processes, by directory, the first about
+  # twice as long as the second (which follows TensorFlow's when two run at
+  # a time). The second takes every directory not named in the first, so a
+  # new test directory is never left out.
   jax_first=(tests/layers tests/integrations tests/parity tests/dispatch)
   jax_rest=(tests)
   for path in "${jax_first[@]}"; do jax_rest+=("--ignore=${path}"); done
