@@ -7,7 +7,7 @@
 #
 # Extra arguments go to pytest, e.g. `bash scripts/test-all-backends.sh tests/layers -x`.
 # Without arguments it runs the whole suite: every backend (JAX, the slowest,
-# split in two processes by test directory), then the multi-device tests
+# split in two processes by test directory) and the multi-device tests
 # (8 virtual devices) in processes of their own.
 #
 # --jobs N (or KERAS_MOE_TEST_JOBS=N) runs up to N of these processes at a
@@ -55,16 +55,19 @@ describe() {  # exit status of pytest -> one word and its detail
   esac
 }
 
-# The processes to run, longest first: parallel arrays, and for process i the
-# array `args_i` holding its environment (NAME=VALUE ...), `--`, then pytest's
-# arguments.
+# The processes to run: parallel arrays, and for process i the array
+# `args_i` holding its environment (NAME=VALUE ...), `--`, then pytest's
+# arguments. The cost (about its CPU seconds on CI) orders the start of
+# processes run side by side, most costly first.
 labels=()
 headers=()
-add() {  # add LABEL HEADER [NAME=VALUE ...] -- PYTEST_ARGS...
+costs=()
+add() {  # add COST LABEL HEADER [NAME=VALUE ...] -- PYTEST_ARGS...
   local i=${#labels[@]}
-  labels+=("$1")
-  headers+=("$2")
-  shift 2
+  costs+=("$1")
+  labels+=("$2")
+  headers+=("$3")
+  shift 3
   declare -g -a "args_${i}"
   local -n args="args_${i}"
   args=("$@")
@@ -73,23 +76,27 @@ add() {  # add LABEL HEADER [NAME=VALUE ...] -- PYTEST_ARGS...
 backends="${KERAS_MOE_BACKENDS:-jax tensorflow torch}"
 if (( $# > 0 )); then
   for backend in ${backends}; do
-    add "${backend}" "KERAS_BACKEND=${backend}" KERAS_BACKEND="${backend}" -- "$@"
+    case "${backend}" in jax) cost=3 ;; tensorflow) cost=2 ;; *) cost=1 ;; esac
+    add "${cost}" "${backend}" "KERAS_BACKEND=${backend}" KERAS_BACKEND="${backend}" -- "$@"
   done
 else
-  # JAX compiles every new shape and program (most of its time), so it takes
-  # about as long as the other processes together: two processes, by
-  # directory. The second takes every directory not named in the first, so
-  # a new test directory is never left out.
-  jax_first=(tests/layers tests/integrations tests/parity)
+  # JAX, which compiles every new shape and program, takes longer than the
+  # other backends together: two processes, by directory, the first about
+  # twice as long as the second (which follows TensorFlow's when two run at
+  # a time). The second takes every directory not named in the first, so a
+  # new test directory is never left out.
+  jax_first=(tests/layers tests/integrations tests/parity tests/dispatch)
   jax_rest=(tests)
   for path in "${jax_first[@]}"; do jax_rest+=("--ignore=${path}"); done
   for backend in ${backends}; do
     case "${backend}" in
       jax)
-        add "jax [1/2]" "KERAS_BACKEND=jax [1/2]: ${jax_first[*]}" KERAS_BACKEND=jax -- "${jax_first[@]}"
-        add "jax [2/2]" "KERAS_BACKEND=jax [2/2]: the other test directories" KERAS_BACKEND=jax \
+        add 300 "jax [1/2]" "KERAS_BACKEND=jax [1/2]: ${jax_first[*]}" KERAS_BACKEND=jax \
+          -- "${jax_first[@]}"
+        add 150 "jax [2/2]" "KERAS_BACKEND=jax [2/2]: the other test directories" KERAS_BACKEND=jax \
           -- "${jax_rest[@]}" ;;
-      *) add "${backend}" "KERAS_BACKEND=${backend}" KERAS_BACKEND="${backend}" -- ;;
+      tensorflow) add 240 tensorflow "KERAS_BACKEND=tensorflow" KERAS_BACKEND=tensorflow -- ;;
+      *) add 40 "${backend}" "KERAS_BACKEND=${backend}" KERAS_BACKEND="${backend}" -- ;;
     esac
   done
   # The multi-device tests of expert parallelism, each in a process of its
@@ -97,11 +104,11 @@ else
   # (scripts/test-distribution.sh).
   for backend in ${backends}; do
     case "${backend}" in
-      jax) add "jax, 8 host devices" "KERAS_BACKEND=jax, 8 host devices (tests/distribution)" \
+      jax) add 50 "jax, 8 host devices" "KERAS_BACKEND=jax, 8 host devices (tests/distribution)" \
              KERAS_BACKEND=jax \
              XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" \
              -- tests/distribution/expert_parallel_test.py ;;
-      tensorflow) add "tensorflow, 8 DTensor CPUs" \
+      tensorflow) add 10 "tensorflow, 8 DTensor CPUs" \
              "KERAS_BACKEND=tensorflow, 8 logical CPU devices (tests/distribution)" \
              KERAS_BACKEND=tensorflow KERAS_MOE_TF_LOGICAL_CPUS=8 -- tests/distribution/dtensor_test.py ;;
     esac
@@ -165,14 +172,18 @@ if (( jobs == 1 || count == 1 )); then
     report "${i}"
   done
 else
+  # Most costly first (stable: equal costs keep the order listed).
+  mapfile -t order < <(for (( i = 0; i < count; i++ )); do echo "${costs[i]} ${i}"; done \
+    | sort -s -k1,1nr | cut -d' ' -f2)
   next=0
   running=0
   done_count=0
   declare -A reported=()
   while (( done_count < count )); do
     while (( running < jobs && next < count )); do
-      echo "--- started: ${headers[next]}"
-      ( launch "${next}" > "${workdir}/${next}.log" 2>&1 ) &
+      i=${order[next]}
+      echo "--- started: ${headers[i]}"
+      ( launch "${i}" > "${workdir}/${i}.log" 2>&1 ) &
       pids+=($!)
       next=$(( next + 1 ))
       running=$(( running + 1 ))
@@ -180,7 +191,7 @@ else
     wait -n
     none_left=$?  # 127: no process under way any more
     finished=0
-    for (( i = 0; i < next; i++ )); do
+    for i in "${order[@]:0:next}"; do
       if [[ -z "${reported[$i]:-}" && -e "${workdir}/${i}.status" ]]; then
         reported[$i]=1
         finished=1
@@ -193,7 +204,7 @@ else
     done
     if (( none_left == 127 && ! finished )); then
       # A process ended without writing its status (killed with its shell).
-      for (( i = 0; i < next; i++ )); do
+      for i in "${order[@]:0:next}"; do
         if [[ -z "${reported[$i]:-}" ]]; then
           reported[$i]=1
           running=$(( running - 1 ))
