@@ -19,6 +19,7 @@ MODULES = [
     "keras_moe.routers.top_k_router",
     "keras_moe.dispatch.blocks",
     "keras_moe.dispatch.dropless",
+    "keras_moe.backend.constants",
     "keras_moe.routers.noisy_top_k_router",
     "keras_moe.routers.expert_choice_router",
     "keras_moe.experts.base",

@@ -25,6 +25,15 @@ def scalar_like(value, x, dtype=None):
 
     Returns:
         A 0-d tensor.
+
+    Examples:
+        >>> import numpy as np
+        >>> x = np.zeros((2, 3), "float32")
+        >>> c = scalar_like(0.5, x)
+        >>> tuple(c.shape), keras.backend.standardize_dtype(c.dtype)
+        ((), 'float32')
+        >>> float(scalar_like(7, x, dtype="int32"))
+        7.0
     """
     if keras.backend.backend() == "torch":
         import torch
@@ -44,6 +53,12 @@ def count_ids(ids, num_segments, dtype="float32", portable=False):
 
     Returns:
         `(num_segments,)` counts in `dtype`.
+
+    Examples:
+        >>> import numpy as np
+        >>> ids = np.array([[0, 2], [2, 3], [4, -1]], "int32")  # 4 and -1: out of range
+        >>> np.asarray(count_ids(ids, 4)).tolist()
+        [1.0, 0.0, 2.0, 1.0]
     """
     ids = ops.reshape(ops.convert_to_tensor(ids), (-1,))
     if keras.backend.backend() == "torch" and not portable:

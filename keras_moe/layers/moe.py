@@ -312,9 +312,20 @@ class MoE(keras.layers.Layer):
         # Unroutable tokens are not routed, but their output must not pass
         # for a real one.
         outputs = ops.where(ops.expand_dims(nonfinite, -1), fast.scalar_like(float("nan"), outputs), outputs)
-        self._record_statistics(expert_indices, dispatch_mask, dispatched, nonfinite)
+        # Dropless dispatch serves every assignment the router made: one
+        # count serves both statistics, and none are dropped.
+        dropless = plan.slots is None and capacity_factor is None
+        chosen = self._expert_counts(expert_indices, dispatch_mask)
+        served = chosen if dropless else self._expert_counts(expert_indices, dispatched)
+        if dropless:
+            dropped = ops.zeros((), "float32")
+        else:
+            dropped = ops.sum(
+                ops.cast(ops.logical_and(dispatch_mask, ops.logical_not(dispatched)), "float32")
+            )
+        self._record_statistics(served, dropped, nonfinite)
         if training:
-            self._record_training_statistics(plan, expert_indices, dispatch_mask, dispatched, routed)
+            self._record_training_statistics(plan, chosen, dropped, routed)
 
         outputs = ops.reshape(outputs, input_shape)
         if not return_routing:
@@ -356,32 +367,33 @@ class MoE(keras.layers.Layer):
         mask = ops.concatenate([mask, ops.zeros((pad,), "bool")], axis=0)
         return ops.reshape(x, (-1, group_size, hidden)), ops.reshape(mask, (-1, group_size))
 
-    def _record_statistics(self, expert_indices, dispatch_mask, dispatched, nonfinite):
-        num_experts = self.num_experts
-        # Served assignments per expert (`E` collects the unserved ones).
-        # (Constants and counts through `fast`: no host-to-device copies on torch.)
+    def _expert_counts(self, expert_indices, which):
+        """`(E,)` float32: the assignments of `expert_indices (T, k)` per expert where `which`.
+
+        (Constants and counts through `fast`: no host-to-device copies on torch.)
+        """
         expert_indices = ops.cast(expert_indices, "int32")
-        served = ops.where(dispatched, expert_indices, fast.scalar_like(num_experts, expert_indices))
-        counts = fast.count_ids(served, num_experts)
-        self.expert_counts.assign(counts)
-        dropped = ops.logical_and(dispatch_mask, ops.logical_not(dispatched))
-        self.dropped_count.assign(ops.sum(ops.cast(dropped, "float32")))
+        # Left-out assignments get the id `E`, which is not counted.
+        ids = ops.where(which, expert_indices, fast.scalar_like(self.num_experts, expert_indices))
+        return fast.count_ids(ids, self.num_experts)
+
+    def _record_statistics(self, served, dropped, nonfinite):
+        """Served assignments per expert `(E,)`, dropped assignments and unroutable tokens."""
+        self.expert_counts.assign(served)
+        self.dropped_count.assign(dropped)
         self.nonfinite_count.assign(ops.sum(ops.cast(nonfinite, "float32")))
 
-    def _record_training_statistics(self, plan, expert_indices, dispatch_mask, dispatched, routed):
+    def _record_training_statistics(self, plan, counts, dropped, routed):
         """Updates the statistics of training calls from the plan of this call.
 
-        `expert_indices`, `dispatch_mask`, `dispatched` are `(T, k)` and
-        `routed` `(T,)`, flat over the call's real tokens. Only routed tokens
-        count; the work is one segment sum over the `T * k` assignments and
-        elementwise math on the `(T, E)` router probabilities.
+        `counts` are the `(E,)` assignments per expert before capacity (of
+        routed tokens only), `dropped` the assignments capacity dropped, and
+        `routed` the `(T,)` routed tokens, flat over the call's real tokens.
+        Beyond the counts, the work is elementwise math on the `(T, E)`
+        router probabilities.
         """
         num_experts = self.num_experts
         tokens = ops.shape(routed)[0]
-        # Assignments per expert before capacity (`E` collects masked ones).
-        expert_indices = ops.cast(expert_indices, "int32")
-        chosen = ops.where(dispatch_mask, expert_indices, fast.scalar_like(num_experts, expert_indices))
-        counts = fast.count_ids(chosen, num_experts)  # (E,)
         total = ops.sum(counts)
         one = fast.scalar_like(1.0, total)
         seen = total > 0
@@ -392,7 +404,6 @@ class MoE(keras.layers.Layer):
             one / ops.maximum(steps, one), fast.scalar_like(1.0 - self.statistics_momentum, total)
         )
         average = self.average_load + ops.cast(seen, "float32") * rate * (load - self.average_load)
-        dropped = ops.sum(ops.cast(ops.logical_and(dispatch_mask, ops.logical_not(dispatched)), "float32"))
 
         # Entropy and confidence of the router's distribution (scores
         # normalized to sum 1, as for sigmoid routers), over routed tokens.

@@ -4,24 +4,36 @@ import math
 
 from keras import ops
 
-from keras_moe.backend.constants import scalar_like
+from keras_moe.backend.constants import count_ids, scalar_like
 
 
-def _token_weights(mask):
-    """Float weights `(tokens,)` that are 1 for real tokens, 0 for padding."""
+def _token_count(keep, values):
+    """How many tokens `keep (tokens,)` keeps (at least 1), or all rows of `values`."""
+    if keep is None:
+        tokens = ops.shape(values)[0]
+        if isinstance(tokens, int):
+            return scalar_like(float(tokens), values, "float32")
+        return ops.cast(tokens, "float32")
+    total = ops.sum(ops.cast(keep, "float32"))
+    return ops.maximum(total, scalar_like(1.0, total))
+
+
+def _masked_mean(values, mask):
+    """Mean of `values (tokens, ...)` over the tokens `mask (tokens,)` keeps.
+
+    `where`, not a product with the mask: a left-out token's values may be
+    NaN (a padding token, a token with non-finite logits), and `NaN * 0` is
+    NaN.
+    """
     if mask is None:
-        return None
-    return ops.reshape(ops.cast(mask, "float32"), (-1,))
-
-
-def _masked_mean(values, weights):
-    """Mean of `values (tokens, ...)` over the tokens whose weight is 1."""
-    if weights is None:
         return ops.mean(values, axis=0)
-    weights = ops.reshape(weights, (-1,) + (1,) * (len(values.shape) - 1))
-    total = ops.sum(weights)
-    total = ops.maximum(total, ops.ones_like(total))
-    return ops.sum(values * weights, axis=0) / total
+    keep = ops.reshape(ops.cast(mask, "bool"), (-1,))
+    kept = ops.where(
+        ops.reshape(keep, (-1,) + (1,) * (len(values.shape) - 1)),
+        values,
+        scalar_like(0.0, values),
+    )
+    return ops.sum(kept, axis=0) / _token_count(keep, values)
 
 
 def load_balancing_loss(router_probs, expert_indices, mask=None):
@@ -57,15 +69,23 @@ def load_balancing_loss(router_probs, expert_indices, mask=None):
     router_probs = ops.cast(router_probs, "float32")
     num_experts = router_probs.shape[-1]
     probs = ops.reshape(router_probs, (-1, num_experts))
-    sums = ops.sum(probs, axis=-1, keepdims=True)
-    probs = probs / ops.maximum(sums, scalar_like(1e-20, sums))
     top_k = expert_indices.shape[-1]
     indices = ops.reshape(ops.cast(expert_indices, "int32"), (-1, top_k))
-    # (tokens, E): how many of a token's k choices went to each expert.
-    assignments = ops.sum(ops.one_hot(indices, num_experts, dtype="float32"), axis=1)
-    weights = _token_weights(mask)
-    fraction = _masked_mean(assignments, weights) / top_k  # (E,)
-    mean_prob = _masked_mean(probs, weights)  # (E,)
+    keep = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,))
+    if keep is not None:
+        # A left-out token's scores may be NaN: selected away, not multiplied.
+        probs = ops.where(ops.expand_dims(keep, -1), probs, scalar_like(0.0, probs))
+        # Its choices get the id `E`, which is not counted.
+        indices = ops.where(
+            ops.expand_dims(keep, -1), indices, scalar_like(num_experts, indices)
+        )
+    sums = ops.sum(probs, axis=-1, keepdims=True)
+    probs = probs / ops.maximum(sums, scalar_like(1e-20, sums))
+    tokens = _token_count(keep, probs)
+    # The assignments per expert: a count over the (tokens, k) choices, no
+    # (tokens, k, E) one-hot table.
+    fraction = count_ids(indices, num_experts) / (tokens * top_k)  # (E,)
+    mean_prob = ops.sum(probs, axis=0) / tokens  # (E,)
     return num_experts * ops.sum(fraction * mean_prob)
 
 
@@ -92,7 +112,7 @@ def router_z_loss(router_logits, mask=None):
     logits = ops.cast(router_logits, "float32")
     logits = ops.reshape(logits, (-1, logits.shape[-1]))
     z = ops.square(ops.logsumexp(logits, axis=-1))
-    return _masked_mean(z, _token_weights(mask))
+    return _masked_mean(z, mask)
 
 
 def cv_squared(x):

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_moe import backend as fast
 from keras_moe import losses
 from keras_moe.routers.base import Router
 from keras_moe.routers.base import RoutingPlan
@@ -274,14 +275,20 @@ class TopKRouter(Router):
             allowed = ops.repeat(kept, per_group, axis=-1) > 0  # (..., E)
             # -inf, not 0: biased sigmoid scores can be negative, and an
             # excluded group must never win against an allowed expert.
-            biased_scores = ops.where(allowed, biased_scores, float("-inf"))
+            biased_scores = ops.where(
+                allowed, biased_scores, fast.scalar_like(float("-inf"), biased_scores)
+            )
         _, expert_indices = ops.top_k(biased_scores, self.top_k)
         return ops.cast(expert_indices, "int32"), allowed
 
     def _update_expert_bias(self, expert_indices, routed):
-        assignments = ops.one_hot(expert_indices, self.num_experts, dtype="float32")
-        assignments = assignments * ops.cast(ops.expand_dims(ops.expand_dims(routed, -1), -1), "float32")
-        load = ops.sum(ops.reshape(assignments, (-1, self.num_experts)), axis=0)  # (E,)
+        # Assignments per expert over routed tokens (others get the uncounted
+        # id `E`): a count, no (tokens, k, E) one-hot table.
+        expert_indices = ops.cast(expert_indices, "int32")
+        chosen = ops.where(
+            ops.expand_dims(routed, -1), expert_indices, fast.scalar_like(self.num_experts, expert_indices)
+        )
+        load = fast.count_ids(chosen, self.num_experts)  # (E,)
         step = self.expert_bias_update_rate * ops.sign(ops.mean(load) - load)
         self.expert_bias.assign(self.expert_bias + ops.cast(step, self.expert_bias.dtype))
 

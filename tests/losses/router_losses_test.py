@@ -38,6 +38,34 @@ def test_load_balancing_loss_mask():
     np.testing.assert_allclose(masked, subset, rtol=1e-6)
 
 
+def test_left_out_tokens_with_nan_scores_do_not_poison_the_losses():
+    # A padding token or a token with non-finite logits may carry NaN
+    # scores; the mask leaves it out of both losses (selected away, not
+    # multiplied by 0, which would give NaN).
+    rng = np.random.default_rng(2)
+    probs = rng.dirichlet(np.ones(4), size=5).astype("float32")
+    logits = rng.standard_normal((5, 4)).astype("float32")
+    indices = rng.integers(0, 4, (5, 2)).astype("int32")
+    mask = np.array([True, False, True, True, True])
+    probs[1], logits[1] = np.nan, np.nan
+    balance = float(_np(losses.load_balancing_loss(probs, indices, mask=mask)))
+    expected = float(_np(losses.load_balancing_loss(probs[mask], indices[mask])))
+    np.testing.assert_allclose(balance, expected, rtol=1e-6)
+    z = float(_np(losses.router_z_loss(logits, mask=mask)))
+    np.testing.assert_allclose(z, float(_np(losses.router_z_loss(logits[mask]))), rtol=1e-6)
+
+
+def test_sparse_moe_aux_loss_stays_finite_with_a_nan_token():
+    from keras_moe.layers import SparseMoE
+
+    layer = SparseMoE(num_experts=4, intermediate_dim=8, top_k=2)
+    x = np.random.default_rng(0).standard_normal((1, 6, 8)).astype("float32")
+    x[0, 2] = np.nan
+    outputs = _np(layer(x, training=True))
+    assert np.isnan(outputs[0, 2]).all() and np.isfinite(np.delete(outputs[0], 2, 0)).all()
+    assert all(np.isfinite(float(_np(v))) for v in layer.losses)
+
+
 def test_router_z_loss_formula_and_mask():
     rng = np.random.default_rng(2)
     logits = rng.standard_normal((3, 4, 5)).astype("float32")
