@@ -18,6 +18,7 @@ configs (a few dozen tokens).
 
     python benchmarks/host_overhead.py [--configs mixtral_half dsv2_lite]
         [--layers dense_ffn sparse_moe@grouped sparse_moe@ranges] [--repeats 7]
+        [--results-dir benchmarks/results] [--tag TAG]
 """
 
 import argparse
@@ -40,7 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median reported)")
     p.add_argument("--steps", type=int, default=20, help="steps per round")
     p.add_argument("--smoke", action="store_true", help="1 round of 2 steps (CI check)")
-    p.add_argument("--results-dir", default=None, help="write host_overhead.{md,json} there")
+    p.add_argument(
+        "--results-dir", default=None, help="write cpu_torch_host_overhead[_TAG].{md,json} there"
+    )
+    p.add_argument("--tag", default=None, help="suffix of the result file names")
     args = p.parse_args(argv)
     if args.smoke:
         args.repeats, args.steps = 1, 2
@@ -159,9 +163,12 @@ def main(argv=None):
     print(text)
     if args.results_dir:
         os.makedirs(args.results_dir, exist_ok=True)
-        with open(os.path.join(args.results_dir, "host_overhead.md"), "w") as f:
+        stem = os.path.join(
+            args.results_dir, "cpu_torch_host_overhead" + (f"_{args.tag}" if args.tag else "")
+        )
+        with open(stem + ".md", "w") as f:
             f.write(text + "\n")
-        with open(os.path.join(args.results_dir, "host_overhead.json"), "w") as f:
+        with open(stem + ".json", "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)
 
 

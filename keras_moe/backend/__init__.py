@@ -7,6 +7,7 @@ caller uses its portable version instead; tests check that both agree.
 
 from keras_moe.backend.constants import count_ids
 from keras_moe.backend.constants import scalar_like
+from keras_moe.backend.constants import segment_sum
 from keras_moe.backend.eager import eager_jit
 from keras_moe.backend.gradients import custom_gradient
 from keras_moe.backend.gradients import vjp

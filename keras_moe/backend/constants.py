@@ -79,3 +79,37 @@ def count_ids(ids, num_segments, dtype="float32", portable=False):
         ops.cast(inside, dtype), ids, num_segments=num_segments + 1, sorted=False
     )
     return counts[:num_segments]
+
+
+def segment_sum(data, segment_ids, num_segments, portable=False):
+    """`ops.segment_sum` with a static `num_segments`, ids all in `0 .. num_segments - 1`.
+
+    Keras' torch `segment_sum` repeats the ids to the data's shape with
+    `repeat_interleave`, an operator whose output shape depends on tensor
+    values: `torch.compile` breaks its graph there. On PyTorch this is one
+    `index_add_` into zeros of the static result shape. `portable=True`
+    uses `ops.segment_sum` on every backend (for tests).
+
+    Args:
+        data: `(n, ...)` tensor.
+        segment_ids: `(n,)` int tensor, every id in range (PyTorch raises on
+            others).
+        num_segments: int.
+
+    Returns:
+        `(num_segments, ...)` sums in `data`'s dtype.
+
+    Examples:
+        >>> import numpy as np
+        >>> data = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], "float32")
+        >>> np.asarray(segment_sum(data, np.array([2, 0, 2], "int32"), 3)).tolist()
+        [[3.0, 4.0], [0.0, 0.0], [6.0, 8.0]]
+    """
+    data = ops.convert_to_tensor(data)
+    if keras.backend.backend() == "torch" and not portable:
+        import torch
+
+        ids = ops.convert_to_tensor(segment_ids).reshape(-1).to(torch.int64)
+        out = torch.zeros((num_segments,) + tuple(data.shape[1:]), dtype=data.dtype, device=data.device)
+        return out.index_add_(0, ids, data)
+    return ops.segment_sum(data, segment_ids, num_segments=num_segments)

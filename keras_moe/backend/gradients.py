@@ -117,7 +117,8 @@ def made_once(factory):
     For the torch autograd Function classes (torch is imported lazily). Not
     `functools.lru_cache`: `torch.compile` traces through lru_cache wrappers
     and would build the class again inside its graph (a graph break on
-    `__build_class__`); a read of this closure's list traces cleanly.
+    `__build_class__`); a read of this closure's list traces cleanly. On
+    the torch backend the classes are made at import, before any trace.
     """
     made = []
 
@@ -182,6 +183,10 @@ def vjp(fn, *primals):
     if backend == "torch":
         import torch
 
+        if torch.compiler.is_compiling():
+            # torch.compile traces `torch.func.vjp`, not `torch.autograd.grad`
+            # (a graph break in every backward pass that calls this).
+            return torch.func.vjp(fn, *primals)
         with torch.enable_grad():
             leaves = [p.detach().requires_grad_(True) for p in primals]
             out = fn(*leaves)
@@ -203,3 +208,10 @@ def vjp(fn, *primals):
 
         return out, tf_vjp
     raise NotImplementedError(f"vjp: no autodiff on backend {backend!r}")
+
+
+if keras.backend.backend() == "torch":
+    # Made at import (Keras' torch backend has imported torch already): made
+    # on first use inside `torch.compile`, the class statement would run in
+    # the traced frame, which dynamo cannot trace (a graph break per call).
+    _torch_function()

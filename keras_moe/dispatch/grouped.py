@@ -471,7 +471,7 @@ def outer_rows(
         x = ops.reshape(left, (-1, size, ops.shape(left)[1]))
         g = ops.reshape(right, (-1, size, ops.shape(right)[1]))
         per_block = ops.einsum("nba,nbc->nac", x, g)  # (blocks, a, b)
-        outs.append(ops.segment_sum(per_block, plan.block_experts, num_segments=plan.num_experts))
+        outs.append(fast.segment_sum(per_block, plan.block_experts, plan.num_experts))
     return outs if many else outs[0]
 
 

@@ -412,7 +412,8 @@ class MoE(keras.layers.Layer):
         tiny = fast.scalar_like(1e-20, probs)
         probs = probs / ops.maximum(ops.sum(probs, axis=-1, keepdims=True), tiny)
         entropy = -ops.sum(probs * ops.log(ops.maximum(probs, tiny)), axis=-1)  # (T,)
-        confidence = ops.max(probs, axis=-1)  # (T,)
+        # amax, not max: torch.compile cannot trace Keras' torch `max` (a graph break).
+        confidence = ops.amax(probs, axis=-1)  # (T,)
         num_routed = ops.maximum(ops.sum(ops.cast(routed, "float32")), one)
         zero = ops.zeros((), "float32")
         mean_over_routed = lambda v: ops.sum(ops.where(routed, v, zero)) / num_routed  # noqa: E731

@@ -10,6 +10,7 @@ from typing import Any
 from typing import NamedTuple
 
 import keras
+from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras import ops
 
 from keras_moe import compat
@@ -159,6 +160,21 @@ class Router(keras.layers.Layer):
             )
             for name, value in self.initial_loss_weights.items()
         }
+
+    def _clear_losses(self):
+        # Keras clears a layer's losses in place (`list.clear()`) at the start
+        # of every outermost call. Under torch.compile (Keras'
+        # `jit_compile=True` on PyTorch) that read of the list makes dynamo
+        # guard on the previous step's loss tensor, which is freed by the
+        # next step: the training step recompiled on every call. A fresh
+        # list is not read, so the compiled step is reused.
+        if keras.backend.backend() == "torch" and not in_stateless_scope():
+            self._losses = []
+            self._loss_ids = set()
+            for layer in self._layers:
+                layer._clear_losses()
+            return
+        super()._clear_losses()
 
     def build_state(self, input_shape):
         """Creates subclass variables (before the loss weights)."""

@@ -196,7 +196,7 @@ class TopKRouter(Router):
             self._update_expert_bias(expert_indices, routed)
         priority = None
         if self.batch_prioritized_routing:
-            priority = ops.max(scores, axis=-1)  # (G, S): confidence in the best expert
+            priority = ops.amax(scores, axis=-1)  # (G, S): confidence in the best expert
         aux_losses = {}
         if training:
             aux_losses = {

@@ -42,3 +42,19 @@ def test_count_ids_matches_portable(dtype):
 def test_count_ids_empty():
     counts = fast.count_ids(np.zeros((0, 2), "int32"), 4)
     np.testing.assert_array_equal(ops.convert_to_numpy(counts), np.zeros(4))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_segment_sum_matches_portable(dtype):
+    rng = np.random.default_rng(0)
+    data = ops.cast(rng.standard_normal((7, 3, 2)).astype("float32"), dtype)
+    ids = np.array([2, 0, 2, 4, 1, 2, 0], "int32")  # segment 3 empty
+    fast_sums = fast.segment_sum(data, ids, 5)
+    portable = fast.segment_sum(data, ids, 5, portable=True)
+    assert tuple(fast_sums.shape) == (5, 3, 2)
+    assert ops.dtype(fast_sums) == dtype
+    expected = np.zeros((5, 3, 2), "float32")
+    np.add.at(expected, ids, ops.convert_to_numpy(ops.cast(data, "float32")))
+    tol = 1e-2 if dtype == "bfloat16" else 1e-6
+    np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(fast_sums, "float32")), expected, atol=tol)
+    np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(portable, "float32")), expected, atol=tol)
