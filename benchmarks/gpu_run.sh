@@ -2,7 +2,8 @@
 # The GPU measurements of benchmarks/results/gpu_*: one script, run once on a
 # lent GPU machine (the workplace's device tool), every step bounded by a
 # timeout so that a hang or failure in one leaves the others' results.
-#   OUT=<dir for results> [PACK=<file.tgz>] bash benchmarks/gpu_run.sh
+#   OUT=<dir for results> [PACK=<file.tgz>] [STAGE=strategies|defaults|compile] \
+#     bash benchmarks/gpu_run.sh
 # PACK: after every step, also pack OUT into this one archive (the device
 # tool brings back few files, and whatever a killed run leaves).
 # Expects keras, keras-hub and keras-moe importable (PYTHONPATH), JAX and
@@ -22,6 +23,17 @@ step() {  # step SECONDS LOG COMMAND...: one bounded step, its log kept
   grep -v "^\(I\|W\)0000" "${OUT}/${log}" | tail -n "${TAIL:-6}" | sed 's/^/    /'
   if [[ -n "${PACK:-}" ]]; then tar czf "${PACK}" -C "${OUT}" .; fi
 }
+if [[ "${STAGE:-strategies}" == compile ]]; then
+  # PyTorch's compiled step (Keras' jit_compile=True: the whole train step
+  # through torch.compile) beside eager, bf16, both GPU configs; then the
+  # host-time proxy of benchmarks/host_overhead.py on this machine's CPU.
+  TAIL=14 step 400 bench_torch_compile.log env KERAS_BACKEND=torch ${py} benchmarks/layer_speed.py \
+    ${SMOKE:+--smoke} --configs gpu --dtype mixed_bfloat16 --repeats 5 --min-time 0.1 --warmup 2 \
+    --torch-mode both --results-dir "${OUT}" --tag h200_compile --layers dense_ffn sparse_moe
+  TAIL=10 step 240 host_overhead.log env KERAS_BACKEND=torch CUDA_VISIBLE_DEVICES= ${py} \
+    benchmarks/host_overhead.py --results-dir "${OUT}" --tag device_host
+  exit 0
+fi
 if [[ "${STAGE:-strategies}" == defaults ]]; then
   # The chosen defaults (keras_moe.dispatch.default_strategy()) against the
   # baselines, and where PyTorch's step spends its time.
@@ -64,7 +76,8 @@ TAIL=20 step 220 bench_jax.log env KERAS_BACKEND=jax ${py} benchmarks/layer_spee
   --strategies grouped:xla ${pallas} scan
 TAIL=20 step 140 bench_torch.log env KERAS_BACKEND=torch ${py} benchmarks/layer_speed.py "${common[@]}" \
   --layers dense_ffn sparse_moe sparse_moe_cf1.25 keras_hub_mixtral --strategies grouped ranges
-# 3. torch.compile (what Keras' jit_compile=True does on torch), if time is left.
+# 3. torch.compile (what Keras' jit_compile=True does on torch), if time is
+# left (STAGE=compile measures it properly).
 TAIL=10 step 70 bench_torch_compile.log env KERAS_BACKEND=torch ${py} benchmarks/layer_speed.py ${SMOKE:+--smoke} \
   --configs mixtral_half --dtype mixed_bfloat16 --repeats 3 --min-time 0.1 --torch-mode compile \
   --results-dir "${OUT}" --tag h200_compile --layers dense_ffn sparse_moe --strategies grouped

@@ -13,8 +13,10 @@ step dispatches, from which a GPU step launches its kernels. Fewer operators and
 the GPU's own timings need the device (`benchmarks/gpu_run.sh`).
 
 Layers and strategies as in `layer_speed.py` (`sparse_moe@grouped` is the
-H200 default, `@ranges` the CPU one). Shapes: `layer_speed.py`'s smoke
-configs (a few dozen tokens).
+H200 default, `@ranges` the CPU one). With `--torch-mode compile` (or
+`both`, the default) the whole step also runs through `torch.compile`, as
+Keras' `jit_compile=True` runs it, with the strategy `default_strategy()`
+picks there. Shapes: `layer_speed.py`'s smoke configs (a few dozen tokens).
 
     python benchmarks/host_overhead.py [--configs mixtral_half dsv2_lite]
         [--layers dense_ffn sparse_moe@grouped sparse_moe@ranges] [--repeats 7]
@@ -40,6 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--layers", nargs="+", default=DEFAULT_LAYERS)
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median reported)")
     p.add_argument("--steps", type=int, default=20, help="steps per round")
+    p.add_argument(
+        "--torch-mode",
+        default="both",
+        choices=["eager", "compile", "both"],
+        help="eager steps, the whole step through torch.compile (Keras' jit_compile=True), or both",
+    )
     p.add_argument("--smoke", action="store_true", help="1 round of 2 steps (CI check)")
     p.add_argument(
         "--results-dir", default=None, help="write cpu_torch_host_overhead[_TAG].{md,json} there"
@@ -85,19 +93,26 @@ def measure(args):
     for config in args.configs:
         batch, seq, hidden, num_experts, top_k, width, shared = ls.SMOKE_CONFIGS[config]
         x = keras.random.normal((batch, seq, hidden), seed=0)
+        modes = ["eager", "compile"] if args.torch_mode == "both" else [args.torch_mode]
         candidates = []
-        for name in args.layers:
-            env = ls.strategy_env(ls.split_strategy(name)[1])
-            with env:
-                ffn = ls.make_layer(name, hidden, num_experts, top_k, width, shared)
-                layer = ls.ResidualBlock(ffn)
-                layer.build((batch, seq, hidden))
-                optimizer = keras.optimizers.Adam(1e-4)
-                optimizer.build(layer.trainable_variables)
-                step, _, _ = ls.make_torch_step(layer, optimizer, x)
-                for _ in range(3):
-                    step()
-                candidates.append((name, env, step, []))
+        for mode in modes:
+            names = args.layers
+            if mode == "compile":
+                # Under torch.compile the strategy is default_strategy()'s.
+                names = list(dict.fromkeys(ls.split_strategy(n)[0] for n in names))
+            for name in names:
+                env = ls.strategy_env(ls.split_strategy(name)[1])
+                with env:
+                    ffn = ls.make_layer(name, hidden, num_experts, top_k, width, shared)
+                    layer = ls.ResidualBlock(ffn)
+                    layer.build((batch, seq, hidden))
+                    optimizer = keras.optimizers.Adam(1e-4)
+                    optimizer.build(layer.trainable_variables)
+                    step, _, _ = ls.make_torch_step(layer, optimizer, x, mode == "compile")
+                    for _ in range(3):  # compiles
+                        step()
+                    label = name if mode == "eager" else f"{name} (torch.compile)"
+                    candidates.append((label, env, step, []))
         for _ in range(args.repeats):
             for name, env, step, times in candidates:
                 with env:
@@ -110,7 +125,7 @@ def measure(args):
             with env:
                 operators = count_operators(step)
             median = statistics.median(times)
-            if name == "dense_ffn":
+            if name == "dense_ffn":  # the eager dense FFN
                 base = (median, operators)
             rows.append(
                 {

@@ -539,12 +539,6 @@ def make_torch_step(layer, optimizer, x, compiled=False):
             loss = loss + ops.cast(aux, "float32")
         return loss
 
-    if compiled:
-        # What Keras' `jit_compile=True` compiles on torch: the forward and
-        # loss (dynamo stops at `.backward()`); AOTAutograd compiles the
-        # backward of the same graph.
-        forward_loss = torch.compile(forward_loss)
-
     def step():
         for v in variables:
             v.value.grad = None
@@ -555,6 +549,13 @@ def make_torch_step(layer, optimizer, x, compiled=False):
         with torch.no_grad():
             optimizer.apply(grads, variables)
         return x.grad
+
+    if compiled:
+        # What Keras' `jit_compile=True` does on torch (`TorchTrainer`
+        # compiles its whole train step): dynamo splits the step at
+        # `.backward()` into the forward and loss (AOTAutograd compiles their
+        # backward) and the optimizer update.
+        step = torch.compile(step)
 
     step.input = x
     return step, None, {}
