@@ -45,11 +45,19 @@ def scalar_like(value, x, dtype=None):
     return ops.convert_to_tensor(value, dtype or keras.backend.standardize_dtype(x.dtype))
 
 
-def count_ids(ids, num_segments, dtype="float32", portable=False):
+def count_ids(ids, num_segments, dtype="float32", portable=False, where=None):
     """How often each of `0 .. num_segments - 1` occurs in the int tensor `ids` (any shape).
 
     Ids outside the range are not counted. `portable=True` uses
     `ops.segment_sum` on every backend (for tests).
+
+    Args:
+        ids: int tensor, any shape.
+        num_segments: int.
+        dtype: dtype name of the counts. Defaults to `"float32"`.
+        portable: bool, `ops.segment_sum` on every backend.
+        where: optional bool tensor broadcastable to `ids`; ids where it is
+            False are not counted (masked tokens, left-out assignments).
 
     Returns:
         `(num_segments,)` counts in `dtype`.
@@ -59,21 +67,30 @@ def count_ids(ids, num_segments, dtype="float32", portable=False):
         >>> ids = np.array([[0, 2], [2, 3], [4, -1]], "int32")  # 4 and -1: out of range
         >>> np.asarray(count_ids(ids, 4)).tolist()
         [1.0, 0.0, 2.0, 1.0]
+        >>> np.asarray(count_ids(ids, 4, where=np.array([[True], [False], [True]]))).tolist()
+        [1.0, 0.0, 1.0, 0.0]
     """
-    ids = ops.reshape(ops.convert_to_tensor(ids), (-1,))
+    ids = ops.convert_to_tensor(ids)
+    if where is not None:
+        where = ops.reshape(ops.broadcast_to(ops.cast(where, "bool"), ops.shape(ids)), (-1,))
+    ids = ops.reshape(ids, (-1,))
     if keras.backend.backend() == "torch" and not portable:
         import torch
 
         ids = ids.to(torch.int64)
         keep = (ids >= 0) & (ids < num_segments)
+        if where is not None:
+            keep = keep & where
         ones = keep.to(getattr(torch, keras.backend.standardize_dtype(dtype)))
-        # Out-of-range ids add zero at index 0.
+        # Uncounted ids add zero at index 0.
         index = torch.where(keep, ids, torch.zeros_like(ids))
         counts = torch.zeros(num_segments, dtype=ones.dtype, device=ids.device)
         return counts.index_add_(0, index, ones)
-    # One extra segment collects the out-of-range ids.
+    # One extra segment collects the uncounted ids.
     ids = ops.cast(ids, "int32")
     inside = ops.logical_and(ids >= 0, ids < num_segments)
+    if where is not None:
+        inside = ops.logical_and(inside, where)
     ids = ops.where(inside, ids, num_segments)
     counts = ops.segment_sum(
         ops.cast(inside, dtype), ids, num_segments=num_segments + 1, sorted=False

@@ -112,15 +112,20 @@ def _tf_custom_gradient(forward, backward, num_differentiable):
 
 
 def made_once(factory):
-    """`factory` called on first use only; later calls return what it made.
+    """`factory` called once; every call returns what it made.
 
-    For the torch autograd Function classes (torch is imported lazily). Not
-    `functools.lru_cache`: `torch.compile` traces through lru_cache wrappers
-    and would build the class again inside its graph (a graph break on
-    `__build_class__`); a read of this closure's list traces cleanly. On
-    the torch backend the classes are made at import, before any trace.
+    For the torch autograd Function classes (torch is imported lazily). On
+    the torch backend the class is made here, at import (Keras' torch
+    backend has imported torch already): made on first use inside
+    `torch.compile`, its class statement would run in the traced frame,
+    which dynamo cannot trace (a graph break per call). Elsewhere it is
+    made on first use. Not `functools.lru_cache`: `torch.compile` traces
+    through lru_cache wrappers; a read of this closure's list traces
+    cleanly.
     """
     made = []
+    if keras.backend.backend() == "torch":
+        made.append(factory())
 
     @functools.wraps(factory)
     def get():
@@ -208,10 +213,3 @@ def vjp(fn, *primals):
 
         return out, tf_vjp
     raise NotImplementedError(f"vjp: no autodiff on backend {backend!r}")
-
-
-if keras.backend.backend() == "torch":
-    # Made at import (Keras' torch backend has imported torch already): made
-    # on first use inside `torch.compile`, the class statement would run in
-    # the traced frame, which dynamo cannot trace (a graph break per call).
-    _torch_function()

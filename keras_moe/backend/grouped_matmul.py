@@ -326,13 +326,12 @@ def _torch_grouped_mm_strided(a, b, offsets):
     import torch
 
     key = a.device.type
-    if torch.compiler.is_compiling():
-        # No side effects inside a trace (a graph break): the views, unless
-        # an eager call found them refused. The grouped strategy is chosen
-        # under torch.compile on CPUs and Hopper only, which take them.
-        if _STRIDED_OK.get(key, True):
-            return torch._grouped_mm(a, b, offs=offsets)
-        return torch._grouped_mm(a.contiguous(), b.contiguous(), offs=offsets)
+    if _STRIDED_OK.get(key, True) and torch.compiler.is_compiling():
+        # No probing inside a trace (writing the cache is a graph break):
+        # the views, unless an eager call found them refused. The grouped
+        # strategy is chosen under torch.compile on CPUs and Hopper only,
+        # which take them.
+        return torch._grouped_mm(a, b, offs=offsets)
     if _STRIDED_OK.get(key, True):
         try:
             out = torch._grouped_mm(a, b, offs=offsets)
@@ -419,8 +418,3 @@ def keep_only_matmuls(fn):
     import jax
 
     return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-
-
-if keras.backend.backend() == "torch":
-    # Made at import, not inside a `torch.compile` trace (see gradients.py).
-    _torch_grouped_mm_function()

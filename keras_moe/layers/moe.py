@@ -315,11 +315,12 @@ class MoE(keras.layers.Layer):
         # Dropless dispatch serves every assignment the router made: one
         # count serves both statistics, and none are dropped.
         dropless = plan.slots is None and capacity_factor is None
-        chosen = self._expert_counts(expert_indices, dispatch_mask)
-        served = chosen if dropless else self._expert_counts(expert_indices, dispatched)
+        # (Counts through `fast`: no host-to-device copies on torch.)
+        chosen = fast.count_ids(expert_indices, self.num_experts, where=dispatch_mask)
         if dropless:
-            dropped = ops.zeros((), "float32")
+            served, dropped = chosen, ops.zeros((), "float32")
         else:
+            served = fast.count_ids(expert_indices, self.num_experts, where=dispatched)
             dropped = ops.sum(
                 ops.cast(ops.logical_and(dispatch_mask, ops.logical_not(dispatched)), "float32")
             )
@@ -366,16 +367,6 @@ class MoE(keras.layers.Layer):
         mask = ops.ones((tokens,), "bool") if token_mask is None else token_mask
         mask = ops.concatenate([mask, ops.zeros((pad,), "bool")], axis=0)
         return ops.reshape(x, (-1, group_size, hidden)), ops.reshape(mask, (-1, group_size))
-
-    def _expert_counts(self, expert_indices, which):
-        """`(E,)` float32: the assignments of `expert_indices (T, k)` per expert where `which`.
-
-        (Constants and counts through `fast`: no host-to-device copies on torch.)
-        """
-        expert_indices = ops.cast(expert_indices, "int32")
-        # Left-out assignments get the id `E`, which is not counted.
-        ids = ops.where(which, expert_indices, fast.scalar_like(self.num_experts, expert_indices))
-        return fast.count_ids(ids, self.num_experts)
 
     def _record_statistics(self, served, dropped, nonfinite):
         """Served assignments per expert `(E,)`, dropped assignments and unroutable tokens."""

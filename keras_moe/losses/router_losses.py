@@ -75,16 +75,13 @@ def load_balancing_loss(router_probs, expert_indices, mask=None):
     if keep is not None:
         # A left-out token's scores may be NaN: selected away, not multiplied.
         probs = ops.where(ops.expand_dims(keep, -1), probs, scalar_like(0.0, probs))
-        # Its choices get the id `E`, which is not counted.
-        indices = ops.where(
-            ops.expand_dims(keep, -1), indices, scalar_like(num_experts, indices)
-        )
     sums = ops.sum(probs, axis=-1, keepdims=True)
     probs = probs / ops.maximum(sums, scalar_like(1e-20, sums))
     tokens = _token_count(keep, probs)
     # The assignments per expert: a count over the (tokens, k) choices, no
     # (tokens, k, E) one-hot table.
-    fraction = count_ids(indices, num_experts) / (tokens * top_k)  # (E,)
+    chosen = None if keep is None else ops.expand_dims(keep, -1)  # a left-out token's choices
+    fraction = count_ids(indices, num_experts, where=chosen) / (tokens * top_k)  # (E,)
     mean_prob = ops.sum(probs, axis=0) / tokens  # (E,)
     return num_experts * ops.sum(fraction * mean_prob)
 

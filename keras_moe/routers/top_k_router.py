@@ -282,13 +282,9 @@ class TopKRouter(Router):
         return ops.cast(expert_indices, "int32"), allowed
 
     def _update_expert_bias(self, expert_indices, routed):
-        # Assignments per expert over routed tokens (others get the uncounted
-        # id `E`): a count, no (tokens, k, E) one-hot table.
-        expert_indices = ops.cast(expert_indices, "int32")
-        chosen = ops.where(
-            ops.expand_dims(routed, -1), expert_indices, fast.scalar_like(self.num_experts, expert_indices)
-        )
-        load = fast.count_ids(chosen, self.num_experts)  # (E,)
+        # Assignments per expert over routed tokens: a count, no
+        # (tokens, k, E) one-hot table.
+        load = fast.count_ids(expert_indices, self.num_experts, where=ops.expand_dims(routed, -1))  # (E,)
         step = self.expert_bias_update_rate * ops.sign(ops.mean(load) - load)
         self.expert_bias.assign(self.expert_bias + ops.cast(step, self.expert_bias.dtype))
 

@@ -58,3 +58,12 @@ def test_segment_sum_matches_portable(dtype):
     tol = 1e-2 if dtype == "bfloat16" else 1e-6
     np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(fast_sums, "float32")), expected, atol=tol)
     np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(portable, "float32")), expected, atol=tol)
+
+
+def test_count_ids_where_matches_masking_by_hand():
+    ids = np.array([[0, 3], [3, 1], [2, 0], [1, 1]], "int32")
+    tokens = np.array([True, False, True, True])
+    expected = np.bincount(ids[tokens].ravel(), minlength=4)
+    for portable in (False, True):
+        counts = fast.count_ids(ids, 4, portable=portable, where=tokens[:, None])
+        np.testing.assert_array_equal(ops.convert_to_numpy(counts), expected)
