@@ -41,8 +41,8 @@ def _skip_unavailable(strategy):
         pytest.skip("'ranges' needs dynamic shapes")
 
 
-def _grads(fn, args):
-    """`(value, [d fn / d arg])` by the backend's autodiff."""
+def _grads(fn, args, tf_graph=False):
+    """`(value, [d fn / d arg])` by the backend's autodiff (in a `tf.function` with `tf_graph`)."""
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
@@ -52,12 +52,16 @@ def _grads(fn, args):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        args = [tf.constant(a) for a in args]
-        with tf.GradientTape() as tape:
-            for a in args:
-                tape.watch(a)
-            value = fn(*args)
-        return value, tape.gradient(value, args)
+        def value_and_grads(*args):
+            with tf.GradientTape() as tape:
+                for a in args:
+                    tape.watch(a)
+                value = fn(*args)
+            return value, tape.gradient(value, list(args))
+
+        if tf_graph:
+            value_and_grads = tf.function(value_and_grads)
+        return value_and_grads(*[tf.constant(a) for a in args])
     import torch
 
     args = [torch.tensor(np.asarray(a), requires_grad=True) for a in args]
@@ -112,6 +116,18 @@ def test_dropless_gradients_match_autodiff_reference(gated, use_bias, block_size
     Gradients of the tokens, the combine weights and every expert weight;
     an expert nobody chose, a crowded one and masked assignments included.
     """
+    _check_gradients(gated, use_bias, block_size, strategy)
+
+
+@pytest.mark.parametrize("gated, use_bias", [(True, False), (False, True)])
+def test_ranges_in_a_tf_graph_match_autodiff_reference(gated, use_bias):
+    """The `"ranges"` loop in a TF graph: dynamic sizes, per-expert row pieces, experts in flight."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TensorFlow graphs only")
+    _check_gradients(gated, use_bias, None, "ranges", tf_graph=True)
+
+
+def _check_gradients(gated, use_bias, block_size, strategy, tf_graph=False):
     _skip_unavailable(strategy)
     if strategy == "grouped" and block_size is not None:
         block_size = 8
@@ -148,7 +164,7 @@ def test_dropless_gradients_match_autodiff_reference(gated, use_bias, block_size
         out = _reference_moe(x, indices, weights, valid, kernels, biases, gated, keras.activations.silu)
         return keras.ops.sum(keras.ops.multiply(out, upstream))
 
-    value, grads = _grads(loss_dispatch, [x, weights, *params.values()])
+    value, grads = _grads(loss_dispatch, [x, weights, *params.values()], tf_graph)
     ref_value, ref_grads = _grads(loss_reference, [x, weights, *params.values()])
     np.testing.assert_allclose(_np(value), _np(ref_value), rtol=1e-5)
     for name, g, r in zip(["x", "weights", *params], grads, ref_grads):
