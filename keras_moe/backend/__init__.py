@@ -9,6 +9,7 @@ from keras_moe.backend.constants import count_ids
 from keras_moe.backend.constants import scalar_like
 from keras_moe.backend.constants import segment_sum
 from keras_moe.backend.eager import eager_jit
+from keras_moe.backend.expert_ffn import expert_ffn
 from keras_moe.backend.gradients import custom_gradient
 from keras_moe.backend.gradients import vjp
 from keras_moe.backend.grouped_matmul import grouped_matmul

@@ -44,13 +44,13 @@ LOOPS = ("ranges", "scan")
 # How many experts a TensorFlow graph works on at once in the `"ranges"`
 # loop. A graph runs independent ops in parallel, so the experts of the
 # unrolled loop would all hold their transients at once: each expert's
-# reads wait for the results of the expert `_IN_FLIGHT` places before it.
+# reads wait for the results of the expert `IN_FLIGHT` places before it.
 # With two in flight the executor's threads overlap one expert's
 # single-threaded ops (gathers, scatter-adds, small matmuls) with the next
 # one's work: on 2 cores the E = 64, h = 128 gradients took 290 ms instead
 # of 356 ms, the E = 8 training step 1.16x the dense FFN's instead of
 # 1.26x, at no measurable cost in peak memory.
-_IN_FLIGHT = 2
+IN_FLIGHT = 2
 
 
 # ----------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def _expert_loop(plan, strategy, expert_step, carry):
     for e in range(plan.num_experts):
 
         def blocks_of_e(block_step, state, e=e):
-            waits = finished[-_IN_FLIGHT] if len(finished) >= _IN_FLIGHT else []
+            waits = finished[-IN_FLIGHT] if len(finished) >= IN_FLIGHT else []
             return block_step(_Range(e, starts[e], pieces, waits), sizes[e], state)
 
         carry = expert_step(e, blocks_of_e, carry)

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_moe import backend as fast
 from keras_moe.dispatch import grouped
 from keras_moe.experts import activations
 from keras_moe.experts.contractions import stacked_matmul
@@ -144,6 +145,26 @@ class StackedExperts(keras.layers.Layer):
             self._dropout_mask(hidden_shape, training),
         )
 
+    def _dropless_fast_path(self, x, plan, row_weights, strategy, names, kernels, hidden_mask):
+        """The whole FFN per expert in one gradient (TensorFlow graphs), else `None`."""
+        def tensor(v):
+            return None if v is None else ops.convert_to_tensor(v)
+
+        down_kernel, down_bias = self._params("down")
+        return fast.expert_ffn(
+            x,
+            kernels,
+            [tensor(self._params(name)[1]) for name in names],
+            tensor(down_kernel),
+            tensor(down_bias),
+            row_weights,
+            plan,
+            strategy,
+            activation=lambda *first: activate(first, self.activation),
+            mask=hidden_mask,
+            in_flight=grouped.IN_FLIGHT,
+        )
+
     def call_dropless(self, x, plan, row_weights, strategy, training=None):
         """Experts on routed tokens, every assignment computed: `(T, d)` -> `(T, d)`.
 
@@ -168,6 +189,9 @@ class StackedExperts(keras.layers.Layer):
         # The first projections share one gather of the tokens.
         names = ["up", "gate"] if self.gated else ["up"]
         kernels = [ops.convert_to_tensor(self._params(name)[0]) for name in names]
+        out = self._dropless_fast_path(x, plan, row_weights, strategy, names, kernels, hidden_mask)
+        if out is not None:
+            return out
         first = grouped.gather_matmul(x, kernels, plan, strategy)  # [(R, h)]
         for i, name in enumerate(names):
             bias = self._params(name)[1]
