@@ -16,7 +16,9 @@ chooses per backend and device):
 - `"ranges"`: a Python loop over the experts, each expert's exact row range
   at once (no padding rows; `B = 1`): gathered from the tokens, one dense
   matmul per projection, added back into the tokens in place. For backends
-  with dynamic shapes: PyTorch, TensorFlow graphs outside XLA.
+  with dynamic shapes: PyTorch, TensorFlow graphs outside XLA (where
+  `StackedExperts` runs its whole FFN per expert in one gradient instead:
+  `keras_moe.backend.expert_ffn`).
 - `"scan"`: a compiled loop over the experts and, inside, over that expert's
   blocks of `B` rows: one dense `(B, d) @ (d, h)` matmul per block, the
   kernel sliced once per expert, unused blocks skipped, the token rows
