@@ -417,6 +417,30 @@ def test_mixed_precision_router_stays_float32(policy):
     assert np.isfinite(_np(ops.cast(y, "float32"))).all()
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_dropless_fit_with_bias_and_expert_dropout(policy):
+    """Dropless training through `fit` (a TF graph: the fused per-expert FFN) with every option
+    the expert FFN has: biases, the dropout mask, a gated activation, mixed precision."""
+    keras.config.set_dtype_policy(policy)
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [
+            keras.Input((5, HIDDEN)),
+            SparseMoE(5, 8, top_k=2, gated=True, activation="silu", use_bias=True, expert_dropout=0.2),
+        ]
+    )
+    model.compile(optimizer="adam", loss="mse")
+    x = _inputs((12, 5, HIDDEN))
+    before = [np.array(_np(ops.cast(v, "float32"))) for v in model.trainable_weights]
+    history = model.fit(x, x, epochs=2, batch_size=4, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    after = [np.array(_np(ops.cast(v, "float32"))) for v in model.trainable_weights]
+    # Every expert weight (kernels and biases) was trained.
+    assert all(np.any(a != b) for a, b in zip(after, before))
+    y = model.predict(x, batch_size=4, verbose=0)
+    assert y.shape == x.shape and np.isfinite(np.asarray(y, "float32")).all()
+
+
 def test_get_config_round_trip():
     layer = SparseMoE(
         8, 16, top_k=3, activation="silu", gated=True, use_bias=True, score_func="sigmoid",
