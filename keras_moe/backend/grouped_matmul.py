@@ -31,6 +31,7 @@ import os
 import keras
 
 from keras_moe.backend.gradients import made_once
+from keras_moe.backend.rows import split_rows
 
 
 def _fast_path_name():
@@ -347,7 +348,7 @@ def _tf_split_matmul(x, kernels, group_sizes):
 
     num_groups = kernels.shape[0]
     rest = tf.shape(x)[0] - tf.reduce_sum(group_sizes)
-    pieces = tf.split(x, tf.concat([group_sizes, [rest]], axis=0), num=num_groups + 1)
+    pieces = split_rows(x, group_sizes)
     # unstack, not kernels[e]: each slice's gradient would be a full-size
     # (E, d, h) tensor, E of them.
     per_group = tf.unstack(kernels, num=num_groups)
@@ -361,10 +362,8 @@ def _tf_split_outer(left, right, group_sizes):
     import tensorflow as tf
 
     num_groups = group_sizes.shape[0]
-    rest = tf.shape(left)[0] - tf.reduce_sum(group_sizes)
-    sizes = tf.concat([group_sizes, [rest]], axis=0)
-    lefts = tf.split(left, sizes, num=num_groups + 1)
-    rights = tf.split(right, sizes, num=num_groups + 1)
+    lefts = split_rows(left, group_sizes)
+    rights = split_rows(right, group_sizes)
     return tf.stack(
         [tf.matmul(lefts[e], rights[e], transpose_a=True) for e in range(num_groups)]
     )

@@ -147,6 +147,7 @@ class StackedExperts(keras.layers.Layer):
 
     def _dropless_fast_path(self, x, plan, row_weights, strategy, names, kernels, hidden_mask):
         """The whole FFN per expert in one gradient (TensorFlow graphs), else `None`."""
+
         def tensor(v):
             return None if v is None else ops.convert_to_tensor(v)
 
