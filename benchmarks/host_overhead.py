@@ -12,6 +12,12 @@ step is the host's work. It also counts the outermost ATen operators one
 step dispatches, from which a GPU step launches its kernels. Fewer operators and less host time per step carry over to the GPU;
 the GPU's own timings need the device (`benchmarks/gpu_run.sh`).
 
+`before experts ms` is the host time from the start of the step to the
+experts' first projection. Everything before it (the router, its losses,
+the routing plan) is small kernels, so on a GPU the device idles for about
+that long in every step; after it the expert matmuls keep the device busy
+while the host runs ahead, until the optimizer's syncs.
+
 Layers and strategies as in `layer_speed.py` (`sparse_moe@grouped` is the
 H200 default, `@ranges` the CPU one). With `--torch-mode compile` (or
 `both`, the default) the whole step also runs through `torch.compile`, as
@@ -82,6 +88,39 @@ def count_operators(step):
     return sum(1 for e in prof.events() if e.name.startswith("aten::") and not nested(e))
 
 
+def time_before_experts(step, steps):
+    """Median host ms from the start of an eager step to its experts' first projection.
+
+    Until then the step issues only the router's and the routing plan's
+    small operators: on a GPU the device idles through that stretch of
+    every step (before it, the layer norm; after it, the expert matmuls
+    keep the device busy while the host runs ahead). `None` for layers
+    without dropless experts.
+    """
+    from keras_moe.dispatch import grouped
+
+    original = grouped.gather_matmul
+    reached = []
+
+    def gather_matmul(*args, **kwargs):
+        if not reached:
+            reached.append(time.perf_counter())
+        return original(*args, **kwargs)
+
+    grouped.gather_matmul = gather_matmul
+    times = []
+    try:
+        for _ in range(steps):
+            reached.clear()
+            start = time.perf_counter()
+            step()
+            if reached:
+                times.append((reached[0] - start) * 1e3)
+    finally:
+        grouped.gather_matmul = original
+    return statistics.median(times) if times else None
+
+
 def measure(args):
     import keras
     import torch
@@ -124,6 +163,7 @@ def measure(args):
         for name, env, step, times in candidates:
             with env:
                 operators = count_operators(step)
+                before = None if "compile" in name else time_before_experts(step, args.steps)
             median = statistics.median(times)
             if name == "dense_ffn":  # the eager dense FFN
                 base = (median, operators)
@@ -137,6 +177,7 @@ def measure(args):
                     "layer": name,
                     "host_ms": median,
                     "min_ms": min(times),
+                    "before_experts_ms": before,
                     "operators": operators,
                     "vs_dense_ms": None if base is None else median / base[0],
                     "vs_dense_operators": None if base is None else operators / base[1],
@@ -149,14 +190,16 @@ def markdown(rows, header):
     lines = [
         header,
         "",
-        "| config | layer | host ms / step | min ms | vs dense | ATen operators / step | vs dense |",
-        "|---|---|---|---|---|---|---|",
+        "| config | layer | host ms / step | min ms | vs dense | before experts ms "
+        "| ATen operators / step | vs dense |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['layer']} | {r['host_ms']:.2f} | {r['min_ms']:.2f} | "
-            f"{fmt(r['vs_dense_ms'])} | {r['operators']} | {fmt(r['vs_dense_operators'])} |"
+            f"{fmt(r['vs_dense_ms'])} | {fmt(r.get('before_experts_ms'))} | {r['operators']} | "
+            f"{fmt(r['vs_dense_operators'])} |"
         )
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from keras_moe.backend.inplace import after
 from keras_moe.backend.inplace import eager_shapes
 from keras_moe.backend.inplace import host_ints
 from keras_moe.backend.inplace import write_slice
+from keras_moe.backend.plan import plan_tables
 from keras_moe.backend.rows import gather_rows
 from keras_moe.backend.rows import split_rows
 from keras_moe.backend.expert_parallel import dropless as expert_parallel_dropless

@@ -271,9 +271,9 @@ def grouped_outer(left, right, group_sizes):
 def _torch_offsets(group_sizes, rows):
     import torch
 
-    offsets = torch.cumsum(group_sizes.to(torch.int64), 0).to(torch.int32)
+    offsets = torch.cumsum(group_sizes, 0, dtype=torch.int32)
     # Padding rows join the last group: computed, then discarded by the caller.
-    return torch.cat([offsets[:-1], torch.full_like(offsets[-1:], rows)])
+    return torch.nn.functional.pad(offsets[:-1], (0, 1), value=rows)
 
 
 def _torch_pad(t, rows_to, cols_to):
@@ -308,7 +308,7 @@ def _torch_grouped_outer(left, right, group_sizes):
     left, right = _torch_pad(left, 8, 8), _torch_pad(right, 8, 8)
     # The groups split the inner (row) dimension: (a, N) @ (N, b) per group;
     # rows after the last group are left out.
-    offsets = torch.cumsum(group_sizes.to(torch.int64), 0).to(torch.int32)
+    offsets = torch.cumsum(group_sizes, 0, dtype=torch.int32)
     out = _torch_grouped_mm_strided(left.t(), right.contiguous(), offsets)
     return out[:, :a, :b]
 

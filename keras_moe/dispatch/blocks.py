@@ -171,7 +171,7 @@ def from_blocks(y_blocks, destinations):
     return ops.take(table, destinations, axis=0)
 
 
-def plan_rows(expert_indices, valid, num_experts, block_size):
+def plan_rows(expert_indices, valid, num_experts, block_size, portable=False):
     """The `RowPlan` of a routing: one stable sort, then arithmetic.
 
     Args:
@@ -179,6 +179,9 @@ def plan_rows(expert_indices, valid, num_experts, block_size):
         valid: `(tokens, k)` bool, False for assignments not to compute.
         num_experts: int `E`.
         block_size: int `B`, rows per block.
+        portable: bool, the `keras.ops` version on every backend (PyTorch
+            otherwise builds the same tables with direct operators:
+            `keras_moe.backend.plan_tables`).
 
     Returns:
         A `RowPlan`.
@@ -195,6 +198,9 @@ def plan_rows(expert_indices, valid, num_experts, block_size):
         >>> np.asarray(plan.assignment_rows).tolist()  # row 10 (= R): none, invalid
         [[2, 0], [3, 4], [1, 10]]
     """
+    tables = fast.plan_tables(expert_indices, valid, num_experts, block_size, portable)
+    if tables is not None:  # PyTorch: the same tables in a few direct operators
+        return RowPlan(*tables, block_size=block_size, num_experts=num_experts)
     tokens, k = ops.shape(expert_indices)[0], ops.shape(expert_indices)[1]
     order, sorted_experts, counts = sort_by_expert(expert_indices, valid, num_experts)
     num = tokens * k
@@ -260,7 +266,7 @@ def with_zero_row(t):
 
 def take_rows(x, plan):
     """`(R, d)` rows of the tokens `x (T, d)`, zeros for padding rows (no custom gradient)."""
-    return ops.take(with_zero_row(x), plan.row_tokens, axis=0)
+    return fast.gather_rows(with_zero_row(x), plan.row_tokens)
 
 
 def sum_rows(y, plan):
@@ -274,7 +280,7 @@ def sum_rows(y, plan):
     zero = fast.scalar_like(0, y)
     for j in range(k):
         index = plan.assignment_rows[:, j]
-        term = ops.take(y, ops.minimum(index, last), axis=0)
+        term = fast.gather_rows(y, ops.minimum(index, last))
         term = ops.where(ops.expand_dims(index < rows, -1), term, zero)
         out = term if out is None else out + term
     return out
@@ -343,4 +349,4 @@ def combine_rows(y, plan, portable=False):
 def row_weights(expert_weights, plan):
     """`(R,)` combine weight of each row, 0 for padding rows."""
     flat = ops.reshape(expert_weights, (-1,))
-    return ops.take(with_zero_row(flat), plan.row_assignments, axis=0)
+    return fast.gather_rows(with_zero_row(flat), plan.row_assignments)

@@ -249,6 +249,13 @@ class MoE(keras.layers.Layer):
         if isinstance(tokens, int) and tokens == 0:
             return self._empty_call(inputs, return_routing)
         token_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,))
+        # The shared expert needs no routing: issued first, an eager GPU step
+        # computes it while the host is still working out the routing.
+        shared = None
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_gate is not None:
+                shared = shared * ops.sigmoid(self.shared_gate(x))
 
         capacity_factor = self.active_capacity_factor(training)
         grouped = capacity_factor is not None or self.router.names_slots
@@ -265,7 +272,12 @@ class MoE(keras.layers.Layer):
             if grouped:
                 router_groups = distribution.shard_groups(router_groups)
         plan = self.router(router_groups, token_mask=mask_groups, training=training)
-        flat = lambda t: ops.reshape(t, (-1,) + tuple(ops.shape(t)[2:]))[:tokens]  # noqa: E731
+        flats = {}  # each (G, S, ...) plan tensor flattened once: (T, ...)
+
+        def flat(t):
+            if id(t) not in flats:  # t is kept too, so its id stays unique
+                flats[id(t)] = (t, ops.reshape(t, (-1,) + tuple(ops.shape(t)[2:]))[:tokens])
+            return flats[id(t)][1]
 
         if plan.slots is not None:
             dispatched = ops.logical_and(
@@ -298,10 +310,7 @@ class MoE(keras.layers.Layer):
         expert_indices, dispatch_mask = flat(plan.expert_indices), flat(plan.dispatch_mask)
         dispatched, routed = flat(dispatched), flat(plan.routed)
 
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_gate is not None:
-                shared = shared * ops.sigmoid(self.shared_gate(x))
+        if shared is not None:
             outputs = outputs + shared
         zero = ops.zeros((), outputs.dtype)
         if token_mask is not None:

@@ -203,8 +203,9 @@ def test_dropless_invalid_assignments_contribute_exact_zeros(strategy):
     assert np.all(np.isfinite(_np(d_weights))) and np.all(_np(d_weights)[~valid] == 0)
 
 
+@pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("block_size", [1, 4, 32])
-def test_plan_rows_layout(block_size):
+def test_plan_rows_layout(block_size, portable):
     """Rows sorted by expert, each expert's rows starting on a block boundary."""
     tokens, k, E = 50, 2, 6
     indices, _ = _routing(tokens, k, E, seed=3)
@@ -212,7 +213,7 @@ def test_plan_rows_layout(block_size):
     indices[:20, 1] = np.where(indices[:20, 1] == 0, 1, indices[:20, 1])
     valid = np.ones((tokens, k), bool)
     valid[::7] = False
-    plan = dispatch.plan_rows(indices, valid, E, block_size)
+    plan = dispatch.plan_rows(indices, valid, E, block_size, portable=portable)
     row_tokens = _np(plan.row_tokens)
     row_assignments = _np(plan.row_assignments)
     row_experts = _np(plan.row_experts)
