@@ -1,5 +1,7 @@
 """MoE: the layer core that runs any router's plan through stacked experts."""
 
+import inspect
+
 import keras
 from keras import ops
 
@@ -166,6 +168,9 @@ class MoE(keras.layers.Layer):
         if shared_gate is not None and shared_expert is None:
             raise ValueError("`shared_gate` needs a `shared_expert`. Received: shared_expert=None")
         self.router = router
+        # Routers whose `call` takes `defer_losses` (a subclass may override
+        # `call` without it) have their losses added after the experts.
+        self._defer_router_losses = "defer_losses" in inspect.signature(router.call).parameters
         self.experts = experts
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
@@ -271,7 +276,10 @@ class MoE(keras.layers.Layer):
             router_groups, _ = self._to_groups(router_flat, token_mask, group_size)
             if grouped:
                 router_groups = distribution.shard_groups(router_groups)
-        plan = self.router(router_groups, token_mask=mask_groups, training=training)
+        # The router's losses are added after the experts are issued (see
+        # `keras_moe.routers.LazyLosses`).
+        defer = {"defer_losses": True} if self._defer_router_losses else {}
+        plan = self.router(router_groups, token_mask=mask_groups, training=training, **defer)
         flats = {}  # each (G, S, ...) plan tensor flattened once: (T, ...)
 
         def flat(t):
@@ -334,7 +342,8 @@ class MoE(keras.layers.Layer):
                 ops.cast(ops.logical_and(dispatch_mask, ops.logical_not(dispatched)), "float32")
             )
         self._record_statistics(served, dropped, nonfinite)
-        if training:
+        if training and self._defer_router_losses:
+            self.router.add_aux_losses(plan)
             self._record_training_statistics(plan, chosen, dropped, routed)
 
         outputs = ops.reshape(outputs, input_shape)

@@ -4,6 +4,7 @@ A router turns tokens into a `RoutingPlan`; `keras_moe.layers.MoE` moves the
 tokens by that plan. New routing algorithms subclass `Router`.
 """
 
+from keras_moe.routers.base import LazyLosses
 from keras_moe.routers.base import Router
 from keras_moe.routers.base import RoutingPlan
 from keras_moe.routers.expert_choice_router import ExpertChoiceRouter

@@ -6,6 +6,7 @@ Adding a routing algorithm means subclassing `Router` and overriding
 `compute_routing`; nothing in dispatch or the layer changes.
 """
 
+import collections.abc
 from typing import Any
 from typing import NamedTuple
 
@@ -46,8 +47,9 @@ class RoutingPlan(NamedTuple):
         capacity: int, slots per expert and group when `slots` is given.
         routed: `(G, S)` bool, tokens the router routed (unmasked, with
             finite logits).
-        aux_losses: dict of unweighted auxiliary losses (float32 scalars) by
-            name; the router adds them, weighted, in training.
+        aux_losses: mapping of unweighted auxiliary losses (float32
+            scalars) by name, a dict or `LazyLosses`; the router adds them,
+            weighted, in training.
     """
 
     expert_indices: Any
@@ -66,6 +68,52 @@ class RoutingPlan(NamedTuple):
         if isinstance(key, str):
             return getattr(self, key)
         return tuple.__getitem__(self, key)
+
+
+class LazyLosses(collections.abc.Mapping):
+    """Auxiliary losses computed when first read: a mapping of name to value.
+
+    A router's losses are needed only once the layer's outputs are, but a
+    router decides before the experts run. Eager backends issue operators in
+    program order, so losses computed in `compute_routing` run before the
+    expert matmuls: on a GPU driven by an eager host (PyTorch) the device
+    has only the routing's small kernels until the first expert matmul, and
+    idles while the host issues them. With `LazyLosses`, `keras_moe.layers.MoE`
+    reads the losses after the experts are issued. Each value is computed
+    once, from the tensors its function closes over; compiled backends get
+    the same graph either way.
+
+    Args:
+        functions: dict of name to a function of no arguments returning the
+            loss, or to a value (used as is).
+
+    Examples:
+        >>> losses = LazyLosses({"z": lambda: 2.0, "load_balance": 1.0})
+        >>> sorted(losses), losses["z"]
+        (['load_balance', 'z'], 2.0)
+    """
+
+    def __init__(self, functions):
+        self._functions = dict(functions)
+        self._values = {}
+
+    def __getitem__(self, name):
+        if name not in self._values:
+            value = self._functions[name]
+            self._values[name] = value() if callable(value) else value
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._functions)
+
+    def __len__(self):
+        return len(self._functions)
+
+    def with_losses(self, functions):
+        """These losses and `functions`' (same form as the constructor's), still lazy."""
+        merged = {name: (lambda name=name: self[name]) for name in self}
+        merged.update(functions)
+        return LazyLosses(merged)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -179,8 +227,13 @@ class Router(keras.layers.Layer):
     def build_state(self, input_shape):
         """Creates subclass variables (before the loss weights)."""
 
-    def call(self, inputs, token_mask=None, training=None):
+    def call(self, inputs, token_mask=None, training=None, defer_losses=False):
         """Routes `inputs (G, S, hidden)`; `token_mask (G, S)` marks real tokens.
+
+        In training the plan's auxiliary losses are added, each times its
+        weight, unless `defer_losses`: then the caller adds them with
+        `add_aux_losses(plan)` during the same call of the model (the MoE
+        layer does, after issuing its experts).
 
         Returns a `RoutingPlan`.
         """
@@ -202,11 +255,19 @@ class Router(keras.layers.Layer):
         plan = self.compute_routing(x, logits, routed, training)
         if plan.routed is None:
             plan = plan._replace(routed=routed)
-        if training:
-            for name, value in (plan.aux_losses or {}).items():
-                if self.initial_loss_weights.get(name, 0.0) > 0:
-                    self.add_loss(self.loss_weights[name] * value)
+        if training and not defer_losses:
+            self.add_aux_losses(plan)
         return plan
+
+    def add_aux_losses(self, plan):
+        """Adds `plan`'s auxiliary losses of non-zero initial weight, each times its weight.
+
+        Losses of weight 0 are not read (a `LazyLosses` does not compute them).
+        """
+        aux_losses = plan.aux_losses or {}
+        for name in aux_losses:
+            if self.initial_loss_weights.get(name, 0.0) > 0:
+                self.add_loss(self.loss_weights[name] * aux_losses[name])
 
     def compute_routing(self, inputs, logits, routed, training):
         """Decides the routing; the one method a router subclass overrides.

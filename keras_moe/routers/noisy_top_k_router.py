@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_moe import losses
+from keras_moe.routers.base import LazyLosses
 from keras_moe.routers.top_k_router import TopKRouter
 from keras_moe.validation import check_non_negative
 
@@ -121,16 +122,26 @@ class NoisyTopKRouter(TopKRouter):
         noise = keras.random.normal(ops.shape(logits), dtype=logits.dtype, seed=self.seed_generator)
         noisy_logits = logits + noise * noise_stddev  # (G, S, E)
         plan = super().compute_routing(inputs, noisy_logits, routed, training)
-        # Dense gates (G, S, E): each token's weights at its chosen experts.
-        gates = ops.sum(
-            ops.one_hot(plan.expert_indices, self.num_experts, dtype=plan.expert_weights.dtype)
-            * ops.expand_dims(plan.expert_weights, -1),
-            axis=-2,
-        )
-        aux_losses = dict(plan.aux_losses)
-        aux_losses["importance"] = losses.importance_loss(gates, mask=routed)
-        aux_losses["load"] = losses.load_loss(
-            logits, noisy_logits, noise_stddev, self.top_k, mask=routed
+
+        def importance():
+            # Dense gates (G, S, E): each token's weights at its chosen experts.
+            gates = ops.sum(
+                ops.one_hot(plan.expert_indices, self.num_experts, dtype=plan.expert_weights.dtype)
+                * ops.expand_dims(plan.expert_weights, -1),
+                axis=-2,
+            )
+            return losses.importance_loss(gates, mask=routed)
+
+        aux_losses = plan.aux_losses
+        if not isinstance(aux_losses, LazyLosses):
+            aux_losses = LazyLosses(aux_losses or {})
+        aux_losses = aux_losses.with_losses(
+            {
+                "importance": importance,
+                "load": lambda: losses.load_loss(
+                    logits, noisy_logits, noise_stddev, self.top_k, mask=routed
+                ),
+            }
         )
         return plan._replace(aux_losses=aux_losses)
 

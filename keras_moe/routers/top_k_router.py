@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_moe import backend as fast
 from keras_moe import losses
+from keras_moe.routers.base import LazyLosses
 from keras_moe.routers.base import Router
 from keras_moe.routers.base import RoutingPlan
 from keras_moe.validation import check_choice
@@ -198,11 +199,15 @@ class TopKRouter(Router):
         if self.batch_prioritized_routing:
             priority = ops.amax(scores, axis=-1)  # (G, S): confidence in the best expert
         aux_losses = {}
-        if training:
-            aux_losses = {
-                "load_balance": losses.load_balancing_loss(scores, expert_indices, mask=routed),
-                "z": losses.router_z_loss(logits, mask=routed),
-            }
+        if training:  # read after the experts are issued (see `LazyLosses`)
+            aux_losses = LazyLosses(
+                {
+                    "load_balance": lambda: losses.load_balancing_loss(
+                        scores, expert_indices, mask=routed
+                    ),
+                    "z": lambda: losses.router_z_loss(logits, mask=routed),
+                }
+            )
         return RoutingPlan(
             expert_indices=expert_indices,
             expert_weights=weights,

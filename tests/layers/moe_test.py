@@ -114,6 +114,65 @@ def test_loss_weights_are_variables_read_by_the_step():
     assert len(plain.losses) == 1
 
 
+class CallOverridingRouter(TopKRouter):
+    """A router subclass whose `call` predates `defer_losses` (scales its input)."""
+
+    def call(self, inputs, token_mask=None, training=None):
+        return super().call(inputs * 1.0, token_mask=token_mask, training=training)
+
+
+def test_router_losses_are_added_after_the_experts_and_equal_eager_ones():
+    x = _inputs()
+    layer = SparseMoE(4, 6, router_z_loss_weight=1e-3, seed=1)
+    layer(x, training=True)
+    deferred = [float(_np(v)) for v in layer.losses]
+    assert layer._defer_router_losses and len(deferred) == 2
+    # The same router adding its losses itself (not deferred): same values.
+    router = layer.router
+    router._clear_losses()
+    groups = ops.expand_dims(ops.reshape(ops.convert_to_tensor(x), (-1, HIDDEN)), 0)
+    router(groups, training=True)
+    np.testing.assert_allclose([float(_np(v)) for v in router.losses], deferred, rtol=1e-6)
+    # A router whose `call` has no `defer_losses` still has its losses added.
+    old_style = MoE(
+        CallOverridingRouter(4, top_k=2, z_loss_weight=1e-3),
+        StackedExperts(4, 6),
+    )
+    assert not old_style._defer_router_losses
+    old_style(x, training=True)
+    assert len(old_style.losses) == 2
+    # Inference adds none.
+    layer(x, training=False)
+    assert layer.losses == []
+
+
+def test_lazy_losses_compute_once_when_read():
+    from keras_moe.routers import LazyLosses
+
+    calls = []
+
+    def loss():
+        calls.append(1)
+        return ops.convert_to_tensor(2.0)
+
+    losses = LazyLosses({"z": loss, "load_balance": ops.convert_to_tensor(1.0)})
+    assert sorted(losses) == ["load_balance", "z"] and len(losses) == 2 and calls == []
+    assert float(_np(losses["z"])) == 2.0 and float(_np(losses["z"])) == 2.0
+    assert len(calls) == 1
+    more = losses.with_losses({"extra": lambda: ops.convert_to_tensor(3.0)})
+    assert sorted(more) == ["extra", "load_balance", "z"] and len(calls) == 1
+    assert float(_np(more["z"])) == 2.0 and len(calls) == 1  # read through, not recomputed
+    # add_aux_losses reads only the losses of non-zero weight.
+    router = TopKRouter(4, top_k=2)  # z weight 0
+    router.build((1, 3, HIDDEN))
+    calls.clear()
+    plan = router(_inputs((1, 3, HIDDEN)), training=True, defer_losses=True)
+    assert router.losses == []
+    plan = plan._replace(aux_losses=LazyLosses({"load_balance": lambda: ops.convert_to_tensor(1.0), "z": loss}))
+    router.add_aux_losses(plan)
+    assert len(router.losses) == 1 and calls == []
+
+
 def test_router_argument_errors_use_each_callers_names():
     with pytest.raises(ValueError, match="`router_jitter`"):
         SparseMoE(4, 8, router_jitter=2.0)

@@ -201,11 +201,13 @@ class RMSNormTopKRouter(TopKRouter):
             name="expert_scale", shape=(self.num_experts,), initializer="ones"
         )
 
-    def call(self, inputs, token_mask=None, training=None):
+    def call(self, inputs, token_mask=None, training=None, defer_losses=False):
         x = ops.cast(inputs, self.compute_dtype)
         x = x * ops.rsqrt(ops.mean(ops.square(x), axis=-1, keepdims=True) + self.epsilon)
         x = x * (float(x.shape[-1]) ** -0.5) * self.input_scale
-        return super().call(x, token_mask=token_mask, training=training)
+        return super().call(
+            x, token_mask=token_mask, training=training, defer_losses=defer_losses
+        )
 
     def compute_routing(self, inputs, logits, routed, training):
         plan = super().compute_routing(inputs, logits, routed, training)
