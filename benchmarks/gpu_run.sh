@@ -2,7 +2,7 @@
 # The GPU measurements of benchmarks/results/gpu_*: one script, run once on a
 # lent GPU machine (the workplace's device tool), every step bounded by a
 # timeout so that a hang or failure in one leaves the others' results.
-#   OUT=<dir for results> [PACK=<file.tgz>] [STAGE=strategies|defaults|compile] \
+#   OUT=<dir for results> [PACK=<file.tgz>] [STAGE=strategies|defaults|compile|timeline] \
 #     bash benchmarks/gpu_run.sh
 # PACK: after every step, also pack OUT into this one archive (the device
 # tool brings back few files, and whatever a killed run leaves).
@@ -32,6 +32,22 @@ if [[ "${STAGE:-strategies}" == compile ]]; then
     --torch-mode both --results-dir "${OUT}" --tag h200_compile --layers dense_ffn sparse_moe
   TAIL=10 step 240 host_overhead.log env KERAS_BACKEND=torch CUDA_VISIBLE_DEVICES= ${py} \
     benchmarks/host_overhead.py --results-dir "${OUT}" --tag device_host
+  exit 0
+fi
+if [[ "${STAGE:-strategies}" == timeline ]]; then
+  # Where the eager PyTorch step's GPU idles: a labeled profiler trace of a
+  # few steps per layer (benchmarks/profile_torch.py --trace), then the idle
+  # time by host phase (benchmarks/gpu_timeline.py). About 3 minutes.
+  while read -r config layer; do
+    [[ -n "${config}" ]] || continue
+    trace="${OUT}/trace_${config}_${layer}.json.gz"
+    TAIL=4 step 75 "profile_${config}_${layer}.log" env KERAS_BACKEND=torch ${py} \
+      benchmarks/profile_torch.py ${SMOKE:+--smoke} --config "${config}" --layer "${layer}" \
+      --dtype mixed_bfloat16 --trace "${trace}"
+    TAIL=16 step 30 "timeline_${config}_${layer}.log" ${py} benchmarks/gpu_timeline.py "${trace}"
+  done <<< "${PROFILES:-mixtral_half sparse_moe
+mixtral_half dense_ffn
+dsv2_lite sparse_moe}"
   exit 0
 fi
 if [[ "${STAGE:-strategies}" == defaults ]]; then

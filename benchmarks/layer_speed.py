@@ -526,11 +526,21 @@ def make_tf_step(layer, optimizer, x, jit_compile):
     return step, None, {}
 
 
-def make_torch_step(layer, optimizer, x, compiled=False):
+def make_torch_step(layer, optimizer, x, compiled=False, phases=False):
+    """The torch training step; `phases=True` labels its parts for the profiler.
+
+    With `phases` (eager only) the forward pass, backward pass and optimizer
+    update run inside `torch.profiler.record_function` ranges named
+    `step/forward`, `step/backward` and `step/optimizer`
+    (`benchmarks/gpu_timeline.py` reads them from a trace).
+    """
+    import contextlib
+
     import torch
 
     variables = layer.trainable_variables
     x = x.detach().requires_grad_(True)
+    label = torch.profiler.record_function if phases else (lambda name: contextlib.nullcontext())
 
     def forward_loss(x):
         y = layer(x)
@@ -543,10 +553,12 @@ def make_torch_step(layer, optimizer, x, compiled=False):
         for v in variables:
             v.value.grad = None
         x.grad = None
-        loss = forward_loss(x)
-        loss.backward()
+        with label("step/forward"):
+            loss = forward_loss(x)
+        with label("step/backward"):
+            loss.backward()
         grads = [v.value.grad for v in variables]
-        with torch.no_grad():
+        with label("step/optimizer"), torch.no_grad():
             optimizer.apply(grads, variables)
         return x.grad
 

@@ -19,6 +19,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 
+def mark_first_projection():
+    """Labels each call of the experts' first projection (`experts/first_projection`).
+
+    The dropless experts' first projection is where the step issues its first
+    expert matmul; before it, only the router's and the plan's small kernels.
+    """
+    import torch
+
+    from keras_moe.dispatch import grouped
+
+    original = grouped.gather_matmul
+
+    def gather_matmul(*args, **kwargs):
+        with torch.profiler.record_function("experts/first_projection"):
+            return original(*args, **kwargs)
+
+    grouped.gather_matmul = gather_matmul
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="e8k2")
@@ -27,6 +46,12 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument(
+        "--trace",
+        default=None,
+        help="also write the profiled steps as a Chrome trace (.json.gz) with the step's phases "
+        "labeled, for benchmarks/gpu_timeline.py",
+    )
     args = p.parse_args()
 
     import keras
@@ -47,7 +72,9 @@ def main():
         layer.build((batch, seq, hidden))
         optimizer = keras.optimizers.Adam(1e-4)
         optimizer.build(layer.trainable_variables)
-        step, _, _ = ls.make_torch_step(layer, optimizer, x)
+        step, _, _ = ls.make_torch_step(layer, optimizer, x, phases=args.trace is not None)
+        if args.trace:
+            mark_first_projection()
         for _ in range(3):
             ls.block(step())
         cuda = torch.cuda.is_available()
@@ -60,6 +87,10 @@ def main():
                 out = step()
             ls.block(out)
         wall = (time.perf_counter() - start) / args.steps
+    if args.trace:
+        os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
+        prof.export_chrome_trace(args.trace)
+        print(f"trace: {args.trace}")
     events = prof.key_averages()
     sort = "device_time_total" if cuda else "cpu_time_total"
     print(events.table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
