@@ -5,6 +5,7 @@ returns `None` (or reports unavailable) where no fast path applies, and the
 caller uses its portable version instead; tests check that both agree.
 """
 
+from keras_moe.backend.constants import as_tensor
 from keras_moe.backend.constants import count_ids
 from keras_moe.backend.constants import scalar_like
 from keras_moe.backend.constants import segment_sum

@@ -20,6 +20,8 @@ import functools
 
 import keras
 
+from keras_moe.backend.constants import as_tensor
+
 
 def custom_gradient(forward, backward, num_differentiable, portable=False):
     """`forward` with the gradient `backward`.
@@ -54,7 +56,7 @@ def custom_gradient(forward, backward, num_differentiable, portable=False):
         return forward
 
     def with_tensors(*args):
-        return fn(*(keras.ops.convert_to_tensor(a) for a in args))
+        return fn(*(as_tensor(a) for a in args))
 
     return with_tensors
 

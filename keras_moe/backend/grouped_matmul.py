@@ -30,6 +30,7 @@ import os
 
 import keras
 
+from keras_moe.backend.constants import as_tensor
 from keras_moe.backend.gradients import made_once
 from keras_moe.backend.rows import split_rows
 
@@ -215,7 +216,7 @@ def grouped_matmul(x, kernels, group_sizes):
         `(N, h)` in the dtype of `x`.
     """
     name = _fast_path_name()
-    x, kernels, group_sizes = (keras.ops.convert_to_tensor(t) for t in (x, kernels, group_sizes))
+    x, kernels, group_sizes = (as_tensor(t) for t in (x, kernels, group_sizes))
     if name == "jax_ragged_dot":
         import jax
 
@@ -251,7 +252,7 @@ def grouped_outer(left, right, group_sizes):
     """
     name = _fast_path_name()
     left, right, group_sizes = (
-        keras.ops.convert_to_tensor(t) for t in (left, right, group_sizes)
+        as_tensor(t) for t in (left, right, group_sizes)
     )
     if name == "jax_ragged_dot":
         if _jax_kernel_choice() == "pallas":

@@ -1,5 +1,6 @@
 """Device constants and counts (`keras_moe.backend.constants`) agree with keras.ops."""
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -67,3 +68,12 @@ def test_count_ids_where_matches_masking_by_hand():
     for portable in (False, True):
         counts = fast.count_ids(ids, 4, portable=portable, where=tokens[:, None])
         np.testing.assert_array_equal(ops.convert_to_numpy(counts), expected)
+
+
+def test_as_tensor_passes_backend_tensors_through():
+    x = np.arange(6, dtype="float32").reshape(2, 3)
+    t = fast.as_tensor(x)
+    np.testing.assert_array_equal(ops.convert_to_numpy(t), x)
+    assert fast.as_tensor(t) is t or keras.backend.backend() != "torch"
+    v = keras.Variable(x)
+    np.testing.assert_array_equal(ops.convert_to_numpy(fast.as_tensor(v)), x)
