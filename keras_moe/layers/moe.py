@@ -342,8 +342,9 @@ class MoE(keras.layers.Layer):
                 ops.cast(ops.logical_and(dispatch_mask, ops.logical_not(dispatched)), "float32")
             )
         self._record_statistics(served, dropped, nonfinite)
-        if training and self._defer_router_losses:
-            self.router.add_aux_losses(plan)
+        if training:
+            if self._defer_router_losses:
+                self.router.add_aux_losses(plan)
             self._record_training_statistics(plan, chosen, dropped, routed)
 
         outputs = ops.reshape(outputs, input_shape)

@@ -141,6 +141,9 @@ def test_router_losses_are_added_after_the_experts_and_equal_eager_ones():
     assert not old_style._defer_router_losses
     old_style(x, training=True)
     assert len(old_style.losses) == 2
+    # ... and its training statistics recorded, as with the built-in routers.
+    assert float(_np(old_style.training_steps)) == 1.0
+    assert float(_np(layer.training_steps)) == 1.0
     # Inference adds none.
     layer(x, training=False)
     assert layer.losses == []
