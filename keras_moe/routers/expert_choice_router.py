@@ -7,6 +7,7 @@ import keras
 from keras import ops
 
 from keras_moe import losses
+from keras_moe.routers.base import LazyLosses
 from keras_moe.routers.base import Router
 from keras_moe.routers.base import RoutingPlan
 from keras_moe.validation import check_positive
@@ -152,8 +153,8 @@ class ExpertChoiceRouter(Router):
         by_prob = ops.cast(ops.argsort(-weights, axis=-1), "int32")
         take = lambda t: ops.take_along_axis(t, by_prob, axis=-1)  # noqa: E731
         aux_losses = {}
-        if training:
-            aux_losses = {"z": losses.router_z_loss(logits, mask=routed)}
+        if training:  # read after the experts are issued (see `LazyLosses`)
+            aux_losses = LazyLosses({"z": lambda: losses.router_z_loss(logits, mask=routed)})
         return RoutingPlan(
             expert_indices=by_prob,
             expert_weights=take(weights),
