@@ -55,6 +55,8 @@ def expert_ffn(
         first_biases: list of `(E, h)` or `None`, one per first kernel.
         down_kernel: `(E, h, d)`.
         down_bias: `(E, d)` or `None`.
+            The biases and the down kernel may be variables: they are read
+            (autocast under mixed precision) only where this path applies.
         weights: `(R,)` combine weight of each row (of the plan).
         plan: a `keras_moe.dispatch.blocks.RowPlan` with `block_size == 1`.
         strategy: the dropless strategy; only `"ranges"` has this path.

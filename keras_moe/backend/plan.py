@@ -20,6 +20,8 @@ the portable `keras.ops` version runs; tests check that both agree.
 
 import keras
 
+from keras_moe.backend.constants import as_tensor
+
 
 def plan_tables(expert_indices, valid, num_experts, block_size, portable=False):
     """The tables of `blocks.plan_rows` on PyTorch, else `None`.
@@ -40,8 +42,8 @@ def plan_tables(expert_indices, valid, num_experts, block_size, portable=False):
         return None
     import torch
 
-    indices = keras.ops.convert_to_tensor(expert_indices)
-    valid = keras.ops.convert_to_tensor(valid).to(device=indices.device, dtype=torch.bool)
+    indices = as_tensor(expert_indices)
+    valid = as_tensor(valid).to(device=indices.device, dtype=torch.bool)
     tokens, k = int(indices.shape[0]), int(indices.shape[1])
     num, E, B = tokens * k, num_experts, block_size
     num_blocks = -(-num // B) + E - 1  # enough for any routing

@@ -20,6 +20,8 @@ E = 64 step 1.7x the dense FFN's. Here:
 import keras
 from keras import ops
 
+from keras_moe.backend.constants import as_tensor
+
 
 def split_rows(t, sizes, portable=False):
     """`t`'s first `sum(sizes)` rows as consecutive pieces of `sizes[i]` rows.
@@ -88,6 +90,6 @@ def gather_rows(table, indices, portable=False):
     if not portable and backend == "torch":
         import torch
 
-        table, indices = ops.convert_to_tensor(table), ops.convert_to_tensor(indices)
+        table, indices = as_tensor(table), as_tensor(indices)
         return torch.index_select(table, 0, indices.to(device=table.device))
     return ops.take(table, indices, axis=0)

@@ -146,18 +146,18 @@ class StackedExperts(keras.layers.Layer):
         )
 
     def _dropless_fast_path(self, x, plan, row_weights, strategy, names, kernels, hidden_mask):
-        """The whole FFN per expert in one gradient (TensorFlow graphs), else `None`."""
+        """The whole FFN per expert in one gradient (TensorFlow graphs), else `None`.
 
-        def tensor(v):
-            return None if v is None else ops.convert_to_tensor(v)
-
+        The variables go as they are: `expert_ffn` reads them only where it
+        applies (elsewhere a read would be a wasted cast under mixed precision).
+        """
         down_kernel, down_bias = self._params("down")
         return fast.expert_ffn(
             x,
             kernels,
-            [tensor(self._params(name)[1]) for name in names],
-            tensor(down_kernel),
-            tensor(down_bias),
+            [self._params(name)[1] for name in names],
+            down_kernel,
+            down_bias,
             row_weights,
             plan,
             strategy,
